@@ -1,0 +1,95 @@
+#pragma once
+
+#include <memory>
+#include <string>
+#include <utility>
+
+#include "grove/config/layer_config.hpp"
+#include "grove/error.hpp"
+#include "grove/experts/layer_parameters.hpp"
+#include "grove/experts/layer_weights.hpp"
+#include "grove/kernels/cpu/expert_forward.hpp"
+#include "grove/layer/activation_stats.hpp"
+#include "grove/layer/forward_result.hpp"
+#include "grove/router/route.hpp"
+
+GROVE_BEGIN_NAMESPACE
+
+/// A Grove MoE layer (docs/layer.md): a configuration plus weights it either owns or views.
+///
+///   grove::layer layer(grove::dynamic_config<>(dims, 8, 0.05), std::move(parameters));
+///   grove::row_matrix<float> y = layer.forward(x);            // x: [T, H]
+///
+/// Forward is two steps that can also be called separately: route (one routing_plan per batch)
+/// and run the experts of that plan. Copies of a layer that owns its weights share them.
+template <layer_configuration Config>
+class layer {
+ public:
+  using config_type = Config;
+  using scalar = typename Config::scalar;
+
+  /// A layer that owns its weights.
+  layer(Config config, layer_parameters<scalar> parameters)
+      : config_(std::move(config)),
+        owned_(std::make_shared<const layer_parameters<scalar>>(std::move(parameters))),
+        weights_(owned_->view()) {
+    check_weights();
+  }
+
+  /// A layer over caller-owned buffers (row-major, PyTorch layout); nothing is copied and the
+  /// buffers must outlive the layer.
+  layer(Config config, weights_view<scalar> weights) : config_(std::move(config)), weights_(std::move(weights)) {
+    check_weights();
+  }
+
+  [[nodiscard]] const Config& config() const { return config_; }
+  [[nodiscard]] const layer_dims& dims() const { return config_.dims(); }
+  [[nodiscard]] const weights_view<scalar>& weights() const { return weights_; }
+
+  /// Step 1: routing for a batch x [T, H].
+  [[nodiscard]] routing_plan<scalar> route(const_rows_ref<scalar> x) const {
+    return grove::route(weights_, routing_options{config_.top_k(), config_.scale()}, x);
+  }
+
+  /// Step 2: the experts of `plan` applied to x, written to y [T, H].
+  void forward(const routing_plan<scalar>& plan, const_rows_ref<scalar> x, rows_ref<scalar> y) const {
+    detail::require(plan.top_k == config_.top_k() && plan.scale == config_.scale(),
+                    "grove: the routing plan was made with another top-k or scale than this layer's");
+    cpu::forward_experts(weights_, plan, x, y);
+  }
+
+  /// y = layer(x).
+  [[nodiscard]] row_matrix<scalar> forward(const_rows_ref<scalar> x) const {
+    return forward(x, forward_request{}).y;
+  }
+
+  /// y, and on request the routing (logits, picks, weights) and the batch's activation statistics.
+  [[nodiscard]] forward_result<scalar> forward(const_rows_ref<scalar> x, const forward_request& request) const {
+    forward_result<scalar> result;
+    routing_plan<scalar> plan = route(x);
+    result.y.resize(x.rows(), dims().hidden);
+    forward(plan, x, result.y);
+    if (request.statistics) result.statistics = compute_activation_stats(plan, dims());
+    if (request.routing) result.routing = std::move(plan);
+    return result;
+  }
+
+ private:
+  void check_weights() const {
+    const layer_dims& w = weights_.dims();
+    const layer_dims& c = config_.dims();
+    detail::require(w == c, "grove: the weights have (H, E, G, I, Ia) = (" + describe(w) +
+                                ") but the configuration says (" + describe(c) + ")");
+    weights_.require_complete();
+  }
+  static std::string describe(const layer_dims& d) {
+    return std::to_string(d.hidden) + ", " + std::to_string(d.experts) + ", " + std::to_string(d.groups) + ", " +
+           std::to_string(d.expert_intermediate) + ", " + std::to_string(d.adjugate_intermediate);
+  }
+
+  Config config_;
+  std::shared_ptr<const layer_parameters<scalar>> owned_;
+  weights_view<scalar> weights_;
+};
+
+GROVE_END_NAMESPACE

@@ -1,0 +1,123 @@
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "grove/error.hpp"
+#include "grove/experts/layer_weights.hpp"
+#include "grove/experts/tensor_types.hpp"
+#include "grove/router/routing_plan.hpp"
+#include "grove/router/top_k.hpp"
+
+GROVE_BEGIN_NAMESPACE
+
+/// What routing needs beyond the weights: k and λ (a layer_config provides both).
+struct routing_options {
+  index top_k = 0;
+  double scale = 0.0;
+};
+
+namespace detail {
+
+/// True when the selection bias is absent or all zero, so selection may compare logits directly.
+template <class Scalar>
+bool bias_is_zero(const Scalar* bias, index experts) {
+  return bias == nullptr || std::all_of(bias, bias + experts, [](Scalar b) { return b == Scalar(0); });
+}
+
+/// Distinct groups of each token and their weights c_j (docs/math.md, step 5), in order of first pick.
+template <class Scalar>
+void collect_token_groups(routing_plan<Scalar>& plan) {
+  const index max_groups = plan.max_groups();
+  plan.token_groups.setConstant(plan.tokens, max_groups, -1);
+  plan.group_weights.setZero(plan.tokens, max_groups);
+  plan.groups_per_token.assign(static_cast<std::size_t>(plan.tokens), 0);
+  for (index t = 0; t < plan.tokens; ++t) {
+    std::int32_t count = 0;
+    for (index s = 0; s < plan.top_k; ++s) {
+      const auto group = static_cast<std::int32_t>(plan.topk_ids(t, s) / plan.group_size);
+      index at = 0;
+      while (at < count && plan.token_groups(t, at) != group) ++at;
+      if (at == count) plan.token_groups(t, count++) = group;
+      plan.group_weights(t, at) += plan.topk_weights(t, s);
+    }
+    plan.groups_per_token[static_cast<std::size_t>(t)] = count;
+  }
+}
+
+/// Counting sort of (token, slot) pairs by the bucket each belongs to; stable, so each bucket
+/// lists its tokens in ascending order (a fixed order the kernels' reductions rely on).
+template <class Scalar, class BucketOf, class WeightOf>
+void counting_sort(index tokens, index slots_per_token, index buckets, const std::vector<std::int32_t>* slot_counts,
+                   BucketOf bucket_of, WeightOf weight_of, std::vector<index>& offsets,
+                   std::vector<dispatch_row<Scalar>>& rows) {
+  auto slots = [&](index t) {
+    return slot_counts ? static_cast<index>((*slot_counts)[static_cast<std::size_t>(t)]) : slots_per_token;
+  };
+  offsets.assign(static_cast<std::size_t>(buckets) + 1, 0);
+  for (index t = 0; t < tokens; ++t)
+    for (index s = 0; s < slots(t); ++s) ++offsets[static_cast<std::size_t>(bucket_of(t, s)) + 1];
+  for (index b = 0; b < buckets; ++b) offsets[static_cast<std::size_t>(b) + 1] += offsets[static_cast<std::size_t>(b)];
+  rows.resize(static_cast<std::size_t>(offsets.back()));
+  std::vector<index> cursor(offsets.begin(), offsets.end() - 1);
+  for (index t = 0; t < tokens; ++t)
+    for (index s = 0; s < slots(t); ++s) {
+      auto& at = cursor[static_cast<std::size_t>(bucket_of(t, s))];
+      rows[static_cast<std::size_t>(at++)] =
+          dispatch_row<Scalar>{static_cast<std::int32_t>(t), static_cast<std::int32_t>(s), weight_of(t, s)};
+    }
+}
+
+}  // namespace detail
+
+/// Routes a batch: router logits, top-k selection, renormalised weights, distinct groups and
+/// the per-expert dispatch (docs/math.md, steps 1–5; docs/plan.md). `x` is [T, H].
+template <class Scalar>
+routing_plan<Scalar> route(const weights_view<Scalar>& weights, const routing_options& options,
+                           const_rows_ref<Scalar> x) {
+  const layer_dims& d = weights.dims();
+  detail::require(x.cols() == d.hidden, "grove: input x has " + std::to_string(x.cols()) +
+                                            " columns but the layer's hidden size H is " +
+                                            std::to_string(d.hidden) + " (expected x of shape [T, " +
+                                            std::to_string(d.hidden) + "])");
+  detail::require(options.top_k >= 1 && options.top_k <= d.experts,
+                  "grove: top-k k = " + std::to_string(options.top_k) + " must lie in [1, E = " +
+                      std::to_string(d.experts) + "]");
+  detail::require(weights.router().data() != nullptr, "grove: missing tensor 'gate.weight' (router)");
+
+  routing_plan<Scalar> plan;
+  plan.tokens = x.rows();
+  plan.experts = d.experts;
+  plan.groups = d.groups;
+  plan.group_size = d.group_size();
+  plan.top_k = options.top_k;
+  plan.scale = options.scale;
+
+  plan.logits.resize(plan.tokens, d.experts);
+  plan.logits.noalias() = x * weights.router().transpose();
+
+  const Scalar* bias = detail::bias_is_zero(weights.bias(), d.experts) ? nullptr : weights.bias();
+  plan.topk_ids.resize(plan.tokens, plan.top_k);
+  plan.topk_weights.resize(plan.tokens, plan.top_k);
+  std::vector<Scalar> scores(static_cast<std::size_t>(plan.top_k));
+  for (index t = 0; t < plan.tokens; ++t) {
+    detail::select_top_k(&plan.logits(t, 0), bias, d.experts, plan.top_k, &plan.topk_ids(t, 0), scores.data(), t);
+    detail::picked_softmax(&plan.logits(t, 0), &plan.topk_ids(t, 0), plan.top_k, &plan.topk_weights(t, 0));
+  }
+
+  detail::collect_token_groups(plan);
+
+  detail::counting_sort<Scalar>(
+      plan.tokens, plan.top_k, plan.experts, nullptr, [&](index t, index s) { return plan.topk_ids(t, s); },
+      [&](index t, index s) { return plan.topk_weights(t, s); }, plan.expert_offsets, plan.expert_rows);
+  const auto lambda = static_cast<Scalar>(plan.scale);
+  detail::counting_sort<Scalar>(
+      plan.tokens, 0, plan.groups, &plan.groups_per_token, [&](index t, index s) { return plan.token_groups(t, s); },
+      [&](index t, index s) { return lambda * plan.group_weights(t, s); }, plan.adjugate_offsets,
+      plan.adjugate_rows);
+  return plan;
+}
+
+GROVE_END_NAMESPACE

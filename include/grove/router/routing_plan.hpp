@@ -1,0 +1,76 @@
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "grove/config/dynamic.hpp"
+#include "grove/experts/tensor_types.hpp"
+
+GROVE_BEGIN_NAMESPACE
+
+/// One row of work for an expert kernel: run `token` through the expert and add `weight` times
+/// the result to y[token]. `slot` says where the weight came from: the pick slot s for a routed
+/// expert (weight w_s), the token's group slot for an adjugate (weight λ·c_j). Backward uses the
+/// slot to send dw back to the right routing weight.
+template <class Scalar>
+struct dispatch_row {
+  std::int32_t token;
+  std::int32_t slot;
+  Scalar weight;
+};
+
+/// The routing decision for one batch, computed once (grove::route) and then consumed by
+/// every expert kernel, the backward pass and every backend. It holds the per-token view
+/// (logits, picks, weights, distinct groups) and the per-expert view (which rows each routed
+/// expert and each activated adjugate processes), built by counting sort so that no adjugate
+/// appears twice for a token. See docs/plan.md.
+template <class Scalar>
+struct routing_plan {
+  index tokens = 0;
+  index experts = 0;
+  index groups = 0;
+  index group_size = 0;
+  index top_k = 0;
+  double scale = 0.0;  ///< λ
+
+  // ---- per token ----
+  row_matrix<Scalar> logits;              ///< [T, E] router logits l = W_r x
+  row_matrix<std::int32_t> topk_ids;      ///< [T, k] picks, descending selection score, ties lower index first
+  row_matrix<Scalar> topk_weights;        ///< [T, k] w_s = softmax over the picked logits
+  row_matrix<std::int32_t> token_groups;  ///< [T, max_groups] distinct groups in order of first pick, -1 padded
+  row_matrix<Scalar> group_weights;       ///< [T, max_groups] c_j = Σ of the group's picked weights
+  std::vector<std::int32_t> groups_per_token;  ///< n_g for each token
+
+  // ---- per expert (dispatch) ----
+  std::vector<index> expert_offsets;                ///< [E + 1] rows of expert e: [offsets[e], offsets[e+1])
+  std::vector<dispatch_row<Scalar>> expert_rows;    ///< T·k rows, grouped by expert, tokens ascending
+  std::vector<index> adjugate_offsets;              ///< [G + 1]
+  std::vector<dispatch_row<Scalar>> adjugate_rows;  ///< Σ n_g rows, grouped by adjugate, tokens ascending
+
+  /// The most distinct groups a token can touch: min(k, G).
+  [[nodiscard]] index max_groups() const { return top_k < groups ? top_k : groups; }
+
+  [[nodiscard]] std::span<const dispatch_row<Scalar>> rows_of_expert(index e) const {
+    return rows_between(expert_rows, expert_offsets, e);
+  }
+  [[nodiscard]] std::span<const dispatch_row<Scalar>> rows_of_adjugate(index j) const {
+    return rows_between(adjugate_rows, adjugate_offsets, j);
+  }
+  /// Picks that went to expert e in this batch (what load balancing counts).
+  [[nodiscard]] index expert_load(index e) const {
+    return expert_offsets[static_cast<std::size_t>(e) + 1] - expert_offsets[static_cast<std::size_t>(e)];
+  }
+  /// Adjugate evaluations this batch: Σ over tokens of n_g, each once per token.
+  [[nodiscard]] index adjugate_evaluations() const { return static_cast<index>(adjugate_rows.size()); }
+
+ private:
+  static std::span<const dispatch_row<Scalar>> rows_between(const std::vector<dispatch_row<Scalar>>& rows,
+                                                            const std::vector<index>& offsets, index i) {
+    const auto begin = static_cast<std::size_t>(offsets[static_cast<std::size_t>(i)]);
+    const auto end = static_cast<std::size_t>(offsets[static_cast<std::size_t>(i) + 1]);
+    return std::span<const dispatch_row<Scalar>>(rows).subspan(begin, end - begin);
+  }
+};
+
+GROVE_END_NAMESPACE
