@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "grove/error.hpp"
@@ -76,7 +77,7 @@ void counting_sort(index tokens, index slots_per_token, index buckets, const std
 /// the per-expert dispatch (docs/math.md, steps 1–5; docs/plan.md). `x` is [T, H].
 template <class Scalar>
 routing_plan<Scalar> route(const weights_view<Scalar>& weights, const routing_options& options,
-                           const_rows_ref<Scalar> x) {
+                           std::type_identity_t<const_rows_ref<Scalar>> x) {
   const layer_dims& d = weights.dims();
   detail::require(x.cols() == d.hidden, "grove: input x has " + std::to_string(x.cols()) +
                                             " columns but the layer's hidden size H is " +

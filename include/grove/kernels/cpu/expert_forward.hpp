@@ -1,6 +1,8 @@
 #pragma once
 
 #include <span>
+#include <string>
+#include <type_traits>
 
 #include "grove/error.hpp"
 #include "grove/experts/layer_weights.hpp"
@@ -19,7 +21,8 @@ namespace cpu {
 /// adjugates; tokens ascending), so results do not depend on anything but the inputs.
 template <class Scalar>
 void forward_experts(const weights_view<Scalar>& weights, const routing_plan<Scalar>& plan,
-                     const_rows_ref<Scalar> x, rows_ref<Scalar> y) {
+                     std::type_identity_t<const_rows_ref<Scalar>> x,
+                     std::type_identity_t<rows_ref<Scalar>> y) {
   const layer_dims& d = weights.dims();
   detail::require(x.rows() == plan.tokens && x.cols() == d.hidden,
                   "grove: input x is [" + std::to_string(x.rows()) + ", " + std::to_string(x.cols()) +
