@@ -15,6 +15,7 @@
 #include "grove/router/routing_plan.hpp"
 #include "grove/router/route.hpp"
 #include "grove/kernels/cpu/expert_forward.hpp"
+#include "grove/kernels/reference/token_forward.hpp"
 #include "grove/layer/activation_stats.hpp"
 #include "grove/layer/forward_result.hpp"
 #include "grove/layer/layer.hpp"
