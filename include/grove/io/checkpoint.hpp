@@ -1,5 +1,6 @@
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
@@ -54,7 +55,8 @@ namespace io {
 
 /// A Hugging Face checkpoint: one .safetensors file, or a directory holding either
 /// model.safetensors.index.json (a "weight_map" from tensor name to shard file) with its
-/// shards, or a single model.safetensors. Tensors are looked up by their full name
+/// shards, or a single model.safetensors. A path to an index file itself (any name ending in
+/// ".index.json") opens the sharded checkpoint beside it. Tensors are looked up by their full name
 /// ("model.layers.0.mlp.gate.weight"); a shard's header is read the first time one of its
 /// tensors is asked for, and only the bytes of the tensors read are ever touched, so opening a
 /// 66 GB checkpoint to load one layer reads a few headers and that layer's bytes.
@@ -64,10 +66,16 @@ class checkpoint {
   static constexpr const char* index_file_name = "model.safetensors.index.json";
   static constexpr const char* single_file_name = "model.safetensors";
 
-  explicit checkpoint(std::filesystem::path path) : path_(std::move(path)) {
+  explicit checkpoint(std::filesystem::path path) : path_(std::move(path)), directory_(path_) {
     std::error_code ec;
     if (!std::filesystem::exists(path_, ec)) throw error("grove: checkpoint " + detail::quoted(path_) + " does not exist");
-    if (!std::filesystem::is_directory(path_, ec)) {
+    const std::string file = path_.filename().string();
+    const std::string index_suffix = ".index.json";
+    if (!std::filesystem::is_directory(path_, ec) && file.size() > index_suffix.size() &&
+        file.compare(file.size() - index_suffix.size(), index_suffix.size(), index_suffix) == 0) {
+      directory_ = path_.parent_path();  // the index itself was named: shards lie beside it
+      read_index(path_);
+    } else if (!std::filesystem::is_directory(path_, ec)) {
       single_ = std::make_unique<safetensors_reader>(path_);
     } else if (std::filesystem::exists(path_ / index_file_name, ec)) {
       read_index(path_ / index_file_name);
@@ -127,12 +135,7 @@ class checkpoint {
   /// Reads tensor `name` whatever its shape.
   template <class Value>
   [[nodiscard]] tensor<Value> read(std::string_view name) const {
-    const tensor_entry& e = entry(name);
-    tensor<Value> t;
-    t.shape = e.shape;
-    t.values.resize(static_cast<std::size_t>(e.elements));
-    reader_of(name).read_into(e, std::span<Value>(t.values));
-    return t;
+    return reader_of(name).template read<Value>(entry(name).name);
   }
 
  private:
@@ -148,7 +151,7 @@ class checkpoint {
     auto it = weight_map_.find(name);
     if (it == weight_map_.end()) missing(name);
     auto& shard = shards_[it->second];
-    if (!shard) shard = std::make_unique<safetensors_reader>(path_ / it->second);
+    if (!shard) shard = std::make_unique<safetensors_reader>(directory_ / it->second);
     return *shard;
   }
 
@@ -169,9 +172,9 @@ class checkpoint {
       if (escapes) fail("shard name '" + shard + "' (for tensor '" + it.key() + "') is not a file inside the checkpoint directory");
       if (!shards_.count(shard)) {
         std::error_code ec;
-        if (!std::filesystem::is_regular_file(path_ / relative, ec))
+        if (!std::filesystem::is_regular_file(directory_ / relative, ec))
           fail("tensor '" + it.key() + "' is mapped to shard '" + shard + "', which is missing (" +
-               detail::quoted(path_ / relative) + " does not exist)");
+               detail::quoted(directory_ / relative) + " does not exist)");
         shards_[shard] = nullptr;
       }
       weight_map_.emplace(it.key(), shard);
@@ -179,6 +182,7 @@ class checkpoint {
   }
 
   std::filesystem::path path_;
+  std::filesystem::path directory_;  ///< where shards are looked up
   std::unique_ptr<safetensors_reader> single_;
   std::map<std::string, std::string, std::less<>> weight_map_;
   mutable std::map<std::string, std::unique_ptr<safetensors_reader>, std::less<>> shards_;

@@ -32,11 +32,19 @@ inline bool checked_mul(std::uint64_t a, std::uint64_t b, std::uint64_t& out) {
 /// "[3, 4]"
 inline std::string shape_string(std::span<const std::int64_t> shape) {
   std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(shape[i]);
+  }
   return s + "]";
 }
 
-inline std::string quoted(const std::filesystem::path& p) { return "'" + p.string() + "'"; }
+inline std::string quoted(const std::filesystem::path& p) {
+  std::string s = "'";
+  s += p.string();
+  s += "'";
+  return s;
+}
 
 }  // namespace detail
 
@@ -110,9 +118,7 @@ class safetensors_reader {
   /// tensor's bytes in bounded chunks, never the whole file.
   template <class Value>
   void read_into(const tensor_entry& entry, std::span<Value> out) const {
-    if (!converts<Value>(entry.type))
-      throw error("grove: tensor '" + entry.name + "' in " + detail::quoted(path_) + " has unsupported dtype " +
-                  entry.dtype_name + " (grove reads F32, F16, BF16 and F64 as floating point, I32 and I64 as integers)");
+    require_convertible<Value>(entry);
     if (out.size() != entry.elements)
       throw error("grove: tensor '" + entry.name + "' holds " + std::to_string(entry.elements) +
                   " values but the destination has room for " + std::to_string(out.size()));
@@ -131,11 +137,20 @@ class safetensors_reader {
   template <class Value>
   [[nodiscard]] tensor<Value> read(std::string_view name) const {
     const tensor_entry& entry = at(name);
+    require_convertible<Value>(entry);  // before allocating: an unknown dtype's shape is unchecked
     tensor<Value> t;
     t.shape = entry.shape;
     t.values.resize(static_cast<std::size_t>(entry.elements));
     read_into(entry, std::span<Value>(t.values));
     return t;
+  }
+
+  /// Throws grove::error naming the tensor and the file unless its dtype converts to Value.
+  template <class Value>
+  void require_convertible(const tensor_entry& entry) const {
+    if (!converts<Value>(entry.type))
+      throw error("grove: tensor '" + entry.name + "' in " + detail::quoted(path_) + " has unsupported dtype " +
+                  entry.dtype_name + " (grove reads F32, F16, BF16 and F64 as floating point, I32 and I64 as integers)");
   }
 
  private:

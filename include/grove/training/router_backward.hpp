@@ -37,8 +37,8 @@ void router_backward(const std::type_identity_t<weights_view<Scalar>>& weights,
                      const std::type_identity_t<weights_span<Scalar>>& grads,
                      std::type_identity_t<rows_ref<Scalar>> dx) {
   const layer_dims& d = weights.dims();
-  detail::require(dl.rows() == x.rows() && dl.cols() == d.experts && x.cols() == d.hidden &&
-                      dx.rows() == x.rows() && dx.cols() == d.hidden,
+  detail::require(dl.rows() == x.rows() && dl.cols() == d.experts && x.cols() == d.hidden && dx.rows() == x.rows() &&
+                      dx.cols() == d.hidden,
                   "grove: router backward wants x and dx [T, H] and dl [T, E] with T = " + std::to_string(x.rows()) +
                       ", H = " + std::to_string(d.hidden) + ", E = " + std::to_string(d.experts) + "; got dl [" +
                       std::to_string(dl.rows()) + ", " + std::to_string(dl.cols()) + "], dx [" +

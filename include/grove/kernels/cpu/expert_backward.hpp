@@ -40,8 +40,8 @@ struct saved_activations {
     return expert_offsets == plan.expert_offsets && adjugate_offsets == plan.adjugate_offsets;
   }
   [[nodiscard]] std::size_t bytes() const {
-    return sizeof(Scalar) * static_cast<std::size_t>(expert_gate.size() + expert_up.size() + adjugate_gate.size() +
-                                                     adjugate_up.size());
+    return sizeof(Scalar) *
+           static_cast<std::size_t>(expert_gate.size() + expert_up.size() + adjugate_gate.size() + adjugate_up.size());
   }
 };
 
@@ -76,6 +76,21 @@ template <class Scalar>
 struct swiglu_batch_scratch {
   row_matrix<Scalar> x, dy, gate, up, act, hidden, back, dgate, dup, dx;
 };
+
+/// Forward of one expert (or adjugate) over its dispatched rows: gathers them into `s.x`, forms
+/// the pre-activations `s.gate`, `s.up` and `s.hidden` = silu(g) ⊙ u, and adds
+/// weight · D h to each row's token of y (docs/math.md, steps 4 and 6).
+template <class Scalar>
+void swiglu_batch_forward(const swiglu_weights<const Scalar>& mlp, std::span<const dispatch_row<Scalar>> rows,
+                          const_rows_ref<Scalar> x, swiglu_batch_scratch<Scalar>& s, rows_ref<Scalar> y) {
+  gather_rows<Scalar>(x, rows, s.x);
+  swiglu_pre_activations(mlp, s.x, s.gate, s.up);
+  silu_of(s.gate, s.act);
+  s.hidden = s.act.cwiseProduct(s.up);
+  s.back.noalias() = s.hidden * mlp.down.transpose();  // [n, H]: the expert's outputs
+  for (std::size_t i = 0; i < rows.size(); ++i)
+    y.row(rows[i].token) += rows[i].weight * s.back.row(static_cast<index>(i));
+}
 
 /// Backward of one expert (or adjugate) over its dispatched rows (docs/math.md, "Backward"),
 /// given the gathered inputs `s.x`, upstream gradients `s.dy` and pre-activations `s.gate`,
@@ -127,9 +142,9 @@ namespace cpu {
 /// The forward of cpu::forward_experts that also keeps the SwiGLU pre-activations for backward.
 /// y is written (not accumulated): y = Σ_s w_s E_{e_s}(x) + λ Σ_j c_j A_j(x).
 template <class Scalar>
-void forward_experts_saving(const std::type_identity_t<weights_view<Scalar>>& weights,
-                            const routing_plan<Scalar>& plan, std::type_identity_t<const_rows_ref<Scalar>> x,
-                            std::type_identity_t<rows_ref<Scalar>> y, saved_activations<Scalar>& saved) {
+void forward_experts_saving(const std::type_identity_t<weights_view<Scalar>>& weights, const routing_plan<Scalar>& plan,
+                            std::type_identity_t<const_rows_ref<Scalar>> x, std::type_identity_t<rows_ref<Scalar>> y,
+                            saved_activations<Scalar>& saved) {
   const layer_dims& d = weights.dims();
   detail::require_batch_shapes(d, plan, x.rows(), x.cols(), "input x");
   detail::require_batch_shapes(d, plan, y.rows(), y.cols(), "output y");
@@ -142,26 +157,18 @@ void forward_experts_saving(const std::type_identity_t<weights_view<Scalar>>& we
   saved.adjugate_offsets = plan.adjugate_offsets;
 
   y.setZero();
-  row_matrix<Scalar> gathered, gate, up, act, out;
+  detail::swiglu_batch_scratch<Scalar> s;
   auto run = [&](const swiglu_weights<const Scalar>& mlp, std::span<const dispatch_row<Scalar>> rows, index first,
                  row_matrix<Scalar>& keep_gate, row_matrix<Scalar>& keep_up) {
     const auto n = static_cast<index>(rows.size());
     if (n == 0) return;
-    detail::gather_rows<Scalar>(x, rows, gathered);
-    detail::swiglu_pre_activations(mlp, gathered, gate, up);
-    keep_gate.middleRows(first, n) = gate;
-    keep_up.middleRows(first, n) = up;
-    detail::silu_of(gate, act);
-    act = act.cwiseProduct(up);
-    out.noalias() = act * mlp.down.transpose();
-    for (index i = 0; i < n; ++i) {
-      const auto& row = rows[static_cast<std::size_t>(i)];
-      y.row(row.token) += row.weight * out.row(i);
-    }
+    detail::swiglu_batch_forward<Scalar>(mlp, rows, x, s, y);
+    keep_gate.middleRows(first, n) = s.gate;
+    keep_up.middleRows(first, n) = s.up;
   };
   for (index e = 0; e < d.experts; ++e)
-    run(weights.expert(e), plan.rows_of_expert(e), plan.expert_offsets[static_cast<std::size_t>(e)],
-        saved.expert_gate, saved.expert_up);
+    run(weights.expert(e), plan.rows_of_expert(e), plan.expert_offsets[static_cast<std::size_t>(e)], saved.expert_gate,
+        saved.expert_up);
   for (index j = 0; j < d.groups; ++j)
     run(weights.adjugate(j), plan.rows_of_adjugate(j), plan.adjugate_offsets[static_cast<std::size_t>(j)],
         saved.adjugate_gate, saved.adjugate_up);
@@ -222,11 +229,11 @@ void backward_experts(const std::type_identity_t<weights_view<Scalar>>& weights,
   const auto lambda = static_cast<Scalar>(plan.scale);
   for (index t = 0; t < plan.tokens; ++t) {
     const index groups_of_token = plan.groups_per_token[static_cast<std::size_t>(t)];
-    for (index s_ = 0; s_ < plan.top_k; ++s_) {
-      const auto group = static_cast<std::int32_t>(plan.topk_ids(t, s_) / plan.group_size);
+    for (index slot = 0; slot < plan.top_k; ++slot) {
+      const auto group = static_cast<std::int32_t>(plan.topk_ids(t, slot) / plan.group_size);
       for (index at = 0; at < groups_of_token; ++at)
         if (plan.token_groups(t, at) == group) {
-          dw(t, s_) += lambda * group_dots(t, at);
+          dw(t, slot) += lambda * group_dots(t, at);
           break;
         }
     }

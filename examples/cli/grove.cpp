@@ -1,0 +1,379 @@
+// The `grove` command-line tool (docs/cli.md): runs one Grove MoE layer of a Hugging Face
+// checkpoint on inputs from a .safetensors file, and describes a layer's configuration.
+//
+//   grove run  --weights PATH --prefix PREFIX --input IN.safetensors --output OUT.safetensors
+//              [--top-k K] [--scale LAMBDA] [--config config.json] [--backward]
+//   grove info --weights PATH --prefix PREFIX [--config config.json]
+//   grove upcycle --weights PATH --prefix PREFIX --groups G --adjugate-size Ia --out OUT.safetensors [--seed N]
+//
+// Errors print one line starting with "grove: " on stderr and exit with 1 (2 for usage errors).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <exception>
+#include <filesystem>
+#include <iostream>
+#include <new>
+#include <optional>
+#include <set>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include <grove/io.hpp>
+#include <grove/training.hpp>
+
+namespace {
+
+namespace io = grove::io;
+using grove::index;
+using matrix = grove::row_matrix<float>;
+/// The layer the tool runs: every size from the checkpoint, k and λ from the command line or
+/// config.json, and no paper bound on λ (a user may study any λ on a real checkpoint).
+using cli_config = grove::dynamic_config<float, grove::unchecked_scale_bound>;
+using cli_layer = grove::layer<cli_config>;
+
+struct run_options {
+  std::string weights, prefix, input, output, config;
+  index top_k = 8;
+  double scale = 0.05;
+  bool top_k_given = false;
+  bool scale_given = false;
+  bool backward = false;
+};
+
+struct info_options {
+  std::string weights, prefix, config;
+};
+
+struct upcycle_command_options {
+  std::string weights, prefix, out;
+  index groups = 0;
+  index adjugate_size = 0;
+  std::uint64_t seed = 0;
+};
+
+/// k and λ after combining the defaults, config.json and the command line, with where each came from.
+struct routing_choice {
+  std::optional<index> top_k;
+  std::optional<double> scale;
+  std::string top_k_source, scale_source;
+};
+
+routing_choice choose_routing(const std::optional<io::hf_config>& config, std::optional<index> cli_top_k,
+                              std::optional<double> cli_scale) {
+  routing_choice c;
+  auto pick = [](auto cli, auto from_config, auto& out, std::string& source) {
+    if (cli) {
+      out = *cli;
+      source = "command line";
+    } else if (from_config) {
+      out = *from_config;
+      source = "config.json";
+    }
+  };
+  pick(cli_top_k, config ? config->top_k : std::nullopt, c.top_k, c.top_k_source);
+  pick(cli_scale, config ? config->scale : std::nullopt, c.scale, c.scale_source);
+  return c;
+}
+
+/// The shortest decimal that reads back as `v` ("0.05", not "0.050000000000000003").
+std::string format_double(double v) {
+  std::string text;
+  for (int digits = 1; digits <= 17; ++digits) {
+    std::ostringstream s;
+    s.precision(digits);
+    s << v;
+    text = s.str();
+    if (std::strtod(text.c_str(), nullptr) == v) break;
+  }
+  return text;
+}
+
+std::string quoted(const std::filesystem::path& p) {
+  std::string s = "'";
+  s += p.string();
+  s += "'";
+  return s;
+}
+
+std::string shape_text(const io::tensor_shape& shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(shape[i]);
+  }
+  s += "]";
+  return s;
+}
+
+/// A floating [T, cols] tensor of the input file as float; throws naming the file and the shape.
+matrix read_rows(const io::safetensors_reader& in, const std::string& name, index cols) {
+  const io::tensor_entry* e = in.find(name);
+  if (!e) throw grove::error("grove: input " + quoted(in.path()) + " has no tensor '" + name + "'");
+  const std::string expected = "[T, " + std::to_string(cols) + "]";
+  if (e->shape.size() != 2 || e->shape[1] != cols)
+    throw grove::error("grove: tensor '" + name + "' in " + quoted(in.path()) + " has shape " +
+                       shape_text(e->shape) + " but the layer needs " + expected +
+                       " (H = " + std::to_string(cols) + ")");
+  if (!io::is_floating(e->type))
+    throw grove::error("grove: tensor '" + name + "' in " + quoted(in.path()) + " has unsupported dtype " +
+                       e->dtype_name + " (use F32, BF16 or F16)");
+  matrix m(static_cast<index>(e->shape[0]), cols);
+  in.read_into(*e, std::span<float>(m.data(), static_cast<std::size_t>(m.size())));
+  for (index i = 0; i < m.size(); ++i)
+    if (!std::isfinite(m.data()[i]))
+      throw grove::error("grove: tensor '" + name + "' in " + quoted(in.path()) +
+                         " holds a non-finite value at row " + std::to_string(i / cols) + ", column " +
+                         std::to_string(i % cols));
+  return m;
+}
+
+template <class Value>
+void add_matrix(io::safetensors_writer& out, const std::string& name, const grove::row_matrix<Value>& m) {
+  out.add(name, io::tensor_shape{m.rows(), m.cols()},
+          std::span<const Value>(m.data(), static_cast<std::size_t>(m.size())));
+}
+
+// ---- backward --------------------------------------------------------------------------------
+// `grove run --backward` reads `dy` [T, H] from IN besides `x`, and writes `dx` [T, H] and
+// `grad.<full tensor name>` (F32) for every weight read except expert_bias.
+
+struct backward_outputs {
+  matrix dx;                                   ///< [T, H]
+  grove::layer_parameters<float> gradients;    ///< ∂L/∂W for every trainable tensor (bias untouched)
+};
+
+/// The gradients of L = <dy, y> from the same plan the forward used (docs/training.md).
+backward_outputs compute_backward(const cli_layer& layer, const grove::routing_plan<float>& plan, const matrix& x,
+                                  const matrix& dy) {
+  grove::layer_gradients<float> g = grove::gradients<float>(layer.weights(), plan, x, dy);
+  return {std::move(g.input), std::move(g.weights)};
+}
+
+void add_backward_outputs(io::safetensors_writer& out, const backward_outputs& b, const std::string& prefix) {
+  add_matrix(out, "dx", b.dx);
+  io::add_layer(out, b.gradients.view(), "grad." + io::tensor_name(prefix, ""), io::dtype::f32,
+                /*include_bias=*/false);
+}
+
+// ---- grove run -------------------------------------------------------------------------------
+
+int run_command(const run_options& o) {
+  std::optional<io::hf_config> config;
+  if (!o.config.empty()) config = io::read_hf_config(o.config);
+  const routing_choice routing =
+      choose_routing(config, o.top_k_given ? std::optional<index>(o.top_k) : std::nullopt,
+                     o.scale_given ? std::optional<double>(o.scale) : std::nullopt);
+  const index top_k = routing.top_k.value_or(o.top_k);
+  const double scale = routing.scale.value_or(o.scale);
+
+  const io::checkpoint weights(o.weights);
+  const grove::layer_dims dims = io::infer_layer_dims(weights, o.prefix);
+  if (config) io::check_hf_config(*config, dims);
+  cli_config layer_config(dims, top_k, scale);  // rejects k outside [1, E] and λ < 0 or not finite
+  const double bound = static_cast<double>(dims.groups) / static_cast<double>(dims.experts);
+  if (scale > bound * (1.0 + 1e-12))
+    std::cerr << "grove: warning: the adjugate scale lambda = " << format_double(scale)
+              << " exceeds the paper's bound G / E = " << format_double(bound) << "; continuing\n";
+
+  const io::safetensors_reader in(o.input);
+  const matrix x = read_rows(in, "x", dims.hidden);
+  std::optional<matrix> dy;
+  if (o.backward) {
+    dy = read_rows(in, "dy", dims.hidden);
+    if (dy->rows() != x.rows())
+      throw grove::error("grove: 'dy' in " + quoted(in.path()) + " has " + std::to_string(dy->rows()) +
+                         " rows but 'x' has " + std::to_string(x.rows()));
+  }
+
+  const cli_layer layer(std::move(layer_config), io::load_layer<float>(weights, o.prefix));
+  const grove::routing_plan<float> plan = layer.route(x);
+  matrix y(x.rows(), dims.hidden);
+  layer.forward(plan, x, y);
+
+  io::safetensors_writer out;
+  out.set_metadata("format", "pt");
+  out.set_metadata("grove_version", GROVE_VERSION_STRING);
+  out.set_metadata("prefix", o.prefix);
+  out.set_metadata("top_k", std::to_string(top_k));
+  out.set_metadata("scale", format_double(scale));
+  add_matrix(out, "y", y);
+  add_matrix(out, "router_logits", plan.logits);
+  add_matrix(out, "topk_ids", plan.topk_ids);
+  add_matrix(out, "topk_weights", plan.topk_weights);
+  if (o.backward) add_backward_outputs(out, compute_backward(layer, plan, x, *dy), o.prefix);
+  out.write(o.output);
+
+  std::cout << "grove: wrote " << quoted(o.output) << ": y [" << y.rows() << ", " << y.cols()
+            << "], router_logits [" << plan.logits.rows() << ", " << plan.logits.cols() << "], topk_ids and topk_weights ["
+            << plan.topk_ids.rows() << ", " << plan.topk_ids.cols() << "] (k = " << top_k
+            << " from " << (routing.top_k ? routing.top_k_source : "default") << ", lambda = " << format_double(scale)
+            << " from " << (routing.scale ? routing.scale_source : "default") << ")\n";
+  return 0;
+}
+
+// ---- grove info ------------------------------------------------------------------------------
+
+int info_command(const info_options& o) {
+  std::optional<io::hf_config> config;
+  if (!o.config.empty()) config = io::read_hf_config(o.config);
+  const routing_choice routing = choose_routing(config, std::nullopt, std::nullopt);
+
+  const io::checkpoint weights(o.weights);
+  const grove::layer_dims d = io::infer_layer_dims(weights, o.prefix);
+  io::check_layer_tensors(weights, o.prefix, d);  // headers only: no weight is read
+  if (config) io::check_hf_config(*config, d);
+
+  std::set<std::string> dtypes;
+  std::set<std::string> files;
+  bool has_bias = false;
+  grove::weights_view<float>(d).for_each_tensor([&](const grove::tensor_info& t, const float* const&) {
+    const std::string name = io::tensor_name(o.prefix, t.name);
+    if (!weights.contains(name)) return;  // only the optional bias may be absent here
+    if (t.role == grove::tensor_role::selection_bias) has_bias = true;
+    dtypes.insert(weights.entry(name).dtype_name);
+    files.insert(weights.file_of(name).filename().string());
+  });
+  auto join = [](const std::set<std::string>& s) {
+    std::string out;
+    for (const auto& v : s) {
+      if (!out.empty()) out += ", ";
+      out += v;
+    }
+    return out;
+  };
+
+  std::cout << "grove layer '" << o.prefix << "' in '" << o.weights << "'"
+            << (weights.sharded() ? " (sharded; layer in " + std::to_string(files.size()) + " file(s): " + join(files) + ")"
+                                  : "")
+            << "\n";
+  std::cout << "  H = " << d.hidden << "  hidden size\n";
+  std::cout << "  E = " << d.experts << "  routed experts\n";
+  std::cout << "  G = " << d.groups << "  groups (adjugate experts)\n";
+  std::cout << "  group size = " << d.group_size() << "  experts per group (E / G)\n";
+  std::cout << "  I = " << d.expert_intermediate << "  routed expert intermediate size\n";
+  std::cout << "  Ia = " << d.adjugate_intermediate << "  adjugate intermediate size\n";
+  if (routing.top_k)
+    std::cout << "  k = " << *routing.top_k << "  experts per token (config.json)\n";
+  else
+    std::cout << "  k = unknown  (pass --config with num_experts_per_tok)\n";
+  if (routing.scale) {
+    const double bound = static_cast<double>(d.groups) / static_cast<double>(d.experts);
+    std::cout << "  lambda = " << format_double(*routing.scale) << "  adjugate scale (config.json)"
+              << (*routing.scale > bound * (1.0 + 1e-12) ? "; exceeds the paper's bound G / E = " + format_double(bound) : "")
+              << "\n";
+  } else {
+    std::cout << "  lambda = unknown  (pass --config with small_experts_weight)\n";
+  }
+  std::cout << "  weights dtype: " << join(dtypes) << "; expert_bias: " << (has_bias ? "present" : "absent (zeros)")
+            << "\n";
+
+  const index router = d.experts * d.hidden;
+  const index experts = d.experts * 3 * d.hidden * d.expert_intermediate;
+  const index adjugates = d.groups * 3 * d.hidden * d.adjugate_intermediate;
+  std::cout << "parameters\n";
+  std::cout << "  total = " << grove::total_parameters(d) << "  (router " << router << " + experts " << experts
+            << " + adjugates " << adjugates << "; expert_bias not counted)\n";
+  if (routing.top_k) {
+    const index k = *routing.top_k;
+    const index fewest = (k + d.group_size() - 1) / d.group_size();
+    const index most = std::min(k, d.groups);
+    std::cout << "  activated per token = " << grove::activated_parameters(d, k, fewest) << " .. "
+              << grove::activated_parameters(d, k, most) << "  (n_g = " << fewest << " .. " << most
+              << " distinct groups among the k = " << k << " picks)\n";
+  } else {
+    std::cout << "  activated per token = unknown without k  (pass --config)\n";
+  }
+  return 0;
+}
+
+// ---- grove upcycle ---------------------------------------------------------------------------
+
+int upcycle_command(const upcycle_command_options& o) {
+  grove::upcycle_options options;
+  options.groups = o.groups;
+  options.adjugate_intermediate = o.adjugate_size;
+  options.seed = o.seed;
+  const grove::layer_parameters<float> grove_layer = io::upcycle_layer<float>(io::checkpoint(o.weights), o.prefix, options);
+  io::save_layer(o.out, grove_layer.view(), o.prefix);
+  const grove::layer_dims& d = grove_layer.dims();
+  std::cout << "grove: wrote " << quoted(o.out) << ": Grove layer '" << o.prefix << "' with H = " << d.hidden
+            << ", E = " << d.experts << ", G = " << d.groups << ", I = " << d.expert_intermediate
+            << ", Ia = " << d.adjugate_intermediate << " (adjugate gate/up ~ N(0, " << format_double(options.stddev)
+            << "^2), seed " << o.seed << "; down projections zero: the output is unchanged)\n";
+  return 0;
+}
+
+void print_error(const std::string& message) {
+  const std::string tag = "grove: ";
+  std::cerr << (message.compare(0, tag.size(), tag) == 0 ? message : tag + message) << "\n";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"grove: run and inspect Grove MoE layers of Hugging Face checkpoints (docs/cli.md)", "grove"};
+  app.require_subcommand(1);
+
+  run_options run;
+  CLI::App* run_cmd = app.add_subcommand("run", "Run one layer on x from a .safetensors file; write y and the routing");
+  run_cmd->add_option("--weights", run.weights, "checkpoint: a .safetensors file or a sharded checkpoint directory")
+      ->required();
+  run_cmd->add_option("--prefix", run.prefix, "layer prefix, e.g. model.layers.0.mlp")->required();
+  run_cmd->add_option("--input", run.input, "input .safetensors holding x [T, H] (F32, BF16 or F16)")->required();
+  run_cmd->add_option("--output", run.output, "output .safetensors: y, router_logits, topk_ids, topk_weights")
+      ->required();
+  CLI::Option* top_k_opt = run_cmd->add_option("--top-k", run.top_k, "experts per token k (default 8)");
+  CLI::Option* scale_opt = run_cmd->add_option("--scale", run.scale, "adjugate scale lambda (default 0.05)");
+  run_cmd->add_option("--config", run.config, "Hugging Face config.json: k and lambda when present there");
+  run_cmd->add_flag("--backward", run.backward, "also compute dx and weight gradients from dy in the input");
+
+  info_options info;
+  CLI::App* info_cmd = app.add_subcommand("info", "Print a layer's configuration and parameter counts");
+  info_cmd->add_option("--weights", info.weights, "checkpoint: a .safetensors file or a sharded checkpoint directory")
+      ->required();
+  info_cmd->add_option("--prefix", info.prefix, "layer prefix, e.g. model.layers.0.mlp")->required();
+  info_cmd->add_option("--config", info.config, "Hugging Face config.json (k and lambda)");
+
+  upcycle_command_options upcycle;
+  CLI::App* upcycle_cmd =
+      app.add_subcommand("upcycle", "Turn a plain MoE layer (router + experts) into a Grove layer with zero-output adjugates");
+  upcycle_cmd->add_option("--weights", upcycle.weights, "checkpoint: a .safetensors file or a sharded checkpoint directory")
+      ->required();
+  upcycle_cmd->add_option("--prefix", upcycle.prefix, "layer prefix, e.g. model.layers.0.mlp")->required();
+  upcycle_cmd->add_option("--groups", upcycle.groups, "group count G (must divide the expert count E)")->required();
+  upcycle_cmd->add_option("--adjugate-size", upcycle.adjugate_size, "adjugate intermediate size Ia")->required();
+  upcycle_cmd->add_option("--out", upcycle.out, "output .safetensors with the Grove layer (F32)")->required();
+  upcycle_cmd->add_option("--seed", upcycle.seed, "seed of the adjugates' gate/up draws (default 0)");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == static_cast<int>(CLI::ExitCodes::Success)) return app.exit(e);  // --help
+    print_error(std::string("usage: ") + e.what());
+    std::cerr << "Run 'grove --help' or 'grove <run|info|upcycle> --help' for the options.\n";
+    return 2;
+  }
+
+  try {
+    if (run_cmd->parsed()) {
+      run.top_k_given = top_k_opt->count() > 0;
+      run.scale_given = scale_opt->count() > 0;
+      return run_command(run);
+    }
+    if (upcycle_cmd->parsed()) return upcycle_command(upcycle);
+    return info_command(info);
+  } catch (const std::bad_alloc&) {
+    print_error("out of memory");
+  } catch (const std::exception& e) {
+    print_error(e.what());
+  } catch (...) {
+    print_error("unknown error");
+  }
+  return 1;
+}

@@ -1,0 +1,253 @@
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <set>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "grove/config/layer_dims.hpp"
+#include "grove/error.hpp"
+#include "grove/experts/check_finite.hpp"
+#include "grove/experts/layer_parameters.hpp"
+#include "grove/experts/layer_weights.hpp"
+#include "grove/io/checkpoint.hpp"
+#include "grove/io/dtype.hpp"
+#include "grove/io/safetensors.hpp"
+
+GROVE_BEGIN_NAMESPACE
+namespace io {
+
+/// The full checkpoint name of a layer tensor: `prefix` + "." + `relative`
+/// ("model.layers.0.mlp" + "gate.weight"). An empty prefix leaves the name as it is; a prefix
+/// that already ends in '.' gets no second one.
+[[nodiscard]] inline std::string tensor_name(std::string_view prefix, std::string_view relative) {
+  std::string name(prefix);
+  if (!name.empty() && name.back() != '.') name += '.';
+  return name + std::string(relative);
+}
+
+}  // namespace io
+
+namespace detail {
+
+/// The indices i of every tensor named `<prefix><family>.<i>.<anything>`, e.g. the 0..E-1 of
+/// "experts.{e}.gate_proj.weight". Indices are plain decimal without leading zeros.
+inline std::set<index> numbered_children(const std::vector<std::string>& names, const std::string& stem) {
+  std::set<index> found;
+  for (const std::string& name : names) {
+    if (name.size() <= stem.size() || name.compare(0, stem.size(), stem) != 0) continue;
+    std::size_t at = stem.size();
+    std::size_t digits = 0;
+    index value = 0;
+    while (at + digits < name.size() && name[at + digits] >= '0' && name[at + digits] <= '9' && digits < 10) {
+      value = value * 10 + (name[at + digits] - '0');
+      ++digits;
+    }
+    if (digits == 0 || at + digits >= name.size() || name[at + digits] != '.') continue;
+    if (digits > 1 && name[at] == '0') continue;
+    found.insert(value);
+  }
+  return found;
+}
+
+/// A 2-D shape [rows, cols] from the entry, or an error naming the tensor.
+inline std::pair<index, index> matrix_shape(const io::checkpoint& ckpt, const std::string& name, const char* expected) {
+  const io::tensor_entry& e = ckpt.entry(name);
+  if (e.shape.size() != 2)
+    throw error("grove: wrong shape for tensor '" + name + "' in " + quoted(ckpt.file_of(name)) + ": expected " +
+                expected + ", found " + shape_string(e.shape));
+  return {static_cast<index>(e.shape[0]), static_cast<index>(e.shape[1])};
+}
+
+/// Layer prefixes present in the checkpoint (names "<p>.chunk_experts.0.gate_proj.weight"),
+/// at most `limit`, for the hint of a "missing tensor" error.
+inline std::string grove_layer_prefixes(const std::vector<std::string>& names, std::size_t limit = 3) {
+  static constexpr std::string_view tail = ".chunk_experts.0.gate_proj.weight";
+  std::string out;
+  std::size_t count = 0;
+  for (const std::string& name : names) {
+    if (name.size() <= tail.size() || name.compare(name.size() - tail.size(), tail.size(), tail) != 0) continue;
+    if (count++ >= limit) continue;
+    out += out.empty() ? "'" : ", '";
+    out.append(name, 0, name.size() - tail.size());
+    out += "'";
+  }
+  if (count > limit) out += ", ... (" + std::to_string(count) + " in all)";
+  return out;
+}
+
+}  // namespace detail
+
+namespace io {
+
+/// The sizes of the routed part of a layer (router and experts), which plain MoE layers
+/// (Qwen3-MoE) and Grove layers share.
+struct moe_dims {
+  index hidden = 0;               ///< H
+  index experts = 0;              ///< E
+  index expert_intermediate = 0;  ///< I
+};
+
+/// Infers H, E and I from the tensors under `prefix`, reading headers only: E and H from the
+/// router `gate.weight` [E, H] (and the `experts.{e}.*` names, which must be exactly 0..E-1),
+/// I from `experts.0.gate_proj.weight` [I, H]. Throws grove::error when a tensor is missing or
+/// the numbering has a gap.
+[[nodiscard]] inline moe_dims infer_moe_dims(const checkpoint& ckpt, std::string_view prefix) {
+  const std::string router = tensor_name(prefix, "gate.weight");
+  const std::vector<std::string> names = ckpt.names();
+  if (!ckpt.contains(router)) {
+    const std::string found = detail::grove_layer_prefixes(names);
+    throw error("grove: missing tensor '" + router + "' in checkpoint " + detail::quoted(ckpt.path()) +
+                ": no Grove layer under prefix '" + std::string(prefix) + "'" +
+                (found.empty() ? std::string(" (the checkpoint holds no Grove layer)") : "; Grove layers found under " + found));
+  }
+  const auto [experts, hidden] = detail::matrix_shape(ckpt, router, "[E, H]");
+
+  const std::string expert_stem = tensor_name(prefix, "experts.");
+  const std::set<index> expert_ids = detail::numbered_children(names, expert_stem);
+  if (expert_ids.empty())
+    throw error("grove: missing tensor '" + expert_stem + "0.gate_proj.weight': no routed experts under prefix '" +
+                std::string(prefix) + "'");
+  if (*expert_ids.rbegin() >= experts)
+    throw error("grove: inconsistent expert numbering under '" + std::string(prefix) + "': found '" + expert_stem +
+                std::to_string(*expert_ids.rbegin()) + ".*' but '" + router + "' has E = " + std::to_string(experts) +
+                " rows (experts 0.." + std::to_string(experts - 1) + ")");
+  for (index e = 0; e < experts; ++e)
+    if (!expert_ids.count(e))
+      throw error("grove: inconsistent expert numbering under '" + std::string(prefix) + "': '" + expert_stem +
+                  std::to_string(e) + ".*' is missing (a gap) but '" + router + "' has E = " + std::to_string(experts) +
+                  " rows (experts 0.." + std::to_string(experts - 1) + " expected)");
+  const auto [inter, expert_cols] = detail::matrix_shape(ckpt, expert_stem + "0.gate_proj.weight", "[I, H]");
+  (void)expert_cols;  // checked with every other shape by check_layer_tensors
+  return {hidden, experts, inter};
+}
+
+/// Infers a Grove layer's sizes from the tensors under `prefix` ("model.layers.0.mlp"), reading
+/// headers only: H, E and I as infer_moe_dims does, G from the `chunk_experts.{j}.*` names
+/// (0..G-1), Ia from `chunk_experts.0.gate_proj.weight` [Ia, H].
+/// Throws grove::error when a tensor is missing, a numbering has a gap, or G does not divide E.
+[[nodiscard]] inline layer_dims infer_layer_dims(const checkpoint& ckpt, std::string_view prefix) {
+  const moe_dims moe = infer_moe_dims(ckpt, prefix);
+  const index experts = moe.experts;
+  const std::vector<std::string> names = ckpt.names();
+
+  const std::string adjugate_stem = tensor_name(prefix, "chunk_experts.");
+  const std::set<index> group_ids = detail::numbered_children(names, adjugate_stem);
+  if (group_ids.empty())
+    throw error("grove: missing tensor '" + adjugate_stem + "0.gate_proj.weight': no adjugate experts under prefix '" +
+                std::string(prefix) + "' (a plain MoE layer is not a Grove layer)");
+  const index groups = *group_ids.rbegin() + 1;
+  for (index j = 0; j < groups; ++j)
+    if (!group_ids.count(j))
+      throw error("grove: inconsistent adjugate numbering under '" + std::string(prefix) + "': '" + adjugate_stem +
+                  std::to_string(j) + ".*' is missing (a gap) but '" + adjugate_stem + std::to_string(groups - 1) +
+                  ".*' exists");
+  if (experts % groups != 0)
+    throw error("grove: expert count E = " + std::to_string(experts) + " is not a multiple of the group count G = " +
+                std::to_string(groups) + " under prefix '" + std::string(prefix) + "'");
+
+  const auto [adj_inter, adjugate_cols] = detail::matrix_shape(ckpt, adjugate_stem + "0.gate_proj.weight", "[Ia, H]");
+  (void)adjugate_cols;
+  layer_dims dims{moe.hidden, experts, groups, moe.expert_intermediate, adj_inter};
+  dims.validate();
+  return dims;
+}
+
+/// Checks, from headers alone, that every tensor of a layer with `dims` is present under `prefix`
+/// with the shape and a floating dtype grove reads; `expert_bias` may be absent.
+inline void check_layer_tensors(const checkpoint& ckpt, std::string_view prefix, const layer_dims& dims) {
+  const weights_view<float> layout(dims);
+  layout.for_each_tensor([&](const tensor_info& info, const float* const&) {
+    const std::string name = tensor_name(prefix, info.name);
+    const bool bias = info.role == tensor_role::selection_bias;
+    if (bias && !ckpt.contains(name)) return;
+    const tensor_entry& e = ckpt.entry(name);
+    const tensor_shape expected = bias ? tensor_shape{info.rows} : tensor_shape{info.rows, info.cols};
+    if (e.shape != expected)
+      throw error("grove: wrong shape for tensor '" + name + "' in " + detail::quoted(ckpt.file_of(name)) +
+                  ": expected " + detail::shape_string(expected) + ", found " + detail::shape_string(e.shape));
+    if (!is_floating(e.type))
+      throw error("grove: tensor '" + name + "' in " + detail::quoted(ckpt.file_of(name)) + " has unsupported dtype " +
+                  e.dtype_name + " (grove reads F32, F16, BF16 and F64 weights)");
+  });
+}
+
+/// Reads the tensors of `into` (its dims say which) from the checkpoint under `prefix`,
+/// converting to Scalar: the router, the experts, the adjugates when `adjugates` is set, and
+/// `expert_bias` when present (left as it is otherwise). Then checks every value read is finite.
+/// Throws grove::error naming the full tensor name on a missing tensor, a wrong shape, an
+/// unsupported dtype or a NaN/Inf weight.
+template <class Scalar>
+void read_layer_tensors(const checkpoint& ckpt, std::string_view prefix, const weights_span<Scalar>& into,
+                        bool adjugates) {
+  auto is_adjugate = [](tensor_role r) {
+    return r == tensor_role::adjugate_gate || r == tensor_role::adjugate_up || r == tensor_role::adjugate_down;
+  };
+  into.for_each_tensor([&](const tensor_info& info, Scalar* const& data) {
+    if (!adjugates && is_adjugate(info.role)) return;
+    const std::string name = tensor_name(prefix, info.name);
+    const bool bias = info.role == tensor_role::selection_bias;
+    if (bias && !ckpt.contains(name)) return;
+    const tensor_shape expected = bias ? tensor_shape{info.rows} : tensor_shape{info.rows, info.cols};
+    ckpt.read_into(name, std::span<const std::int64_t>(expected),
+                   std::span<Scalar>(data, static_cast<std::size_t>(info.size())));
+  });
+  try {
+    check_finite(weights_view<Scalar>(into));
+  } catch (const error& e) {
+    throw error(std::string(e.what()) + " (layer prefix '" + std::string(prefix) + "' in checkpoint " +
+                detail::quoted(ckpt.path()) + ")");
+  }
+}
+
+/// Loads the Grove layer under `prefix`: sizes inferred (infer_layer_dims), every tensor read
+/// and converted to Scalar (BF16/F16/F32/F64 on disk), `expert_bias` zero when the checkpoint has
+/// none. Only this layer's bytes are read. Throws grove::error naming the full tensor name on a
+/// missing tensor, a wrong shape, an unsupported dtype, or a NaN/Inf weight.
+template <class Scalar>
+[[nodiscard]] layer_parameters<Scalar> load_layer(const checkpoint& ckpt, std::string_view prefix) {
+  const layer_dims dims = infer_layer_dims(ckpt, prefix);
+  check_layer_tensors(ckpt, prefix, dims);
+  layer_parameters<Scalar> parameters(dims);
+  read_layer_tensors(ckpt, prefix, parameters.span(), /*adjugates=*/true);
+  return parameters;
+}
+
+/// Same, opening `path` (a .safetensors file or a checkpoint directory).
+template <class Scalar>
+[[nodiscard]] layer_parameters<Scalar> load_layer(const std::filesystem::path& path, std::string_view prefix) {
+  return load_layer<Scalar>(checkpoint(path), prefix);
+}
+
+/// Adds every tensor of `weights` to `writer` under `prefix` with the checkpoint names, stored as
+/// `stored`. The selection bias is written when `include_bias` (zeros when the view has none).
+template <class Scalar>
+void add_layer(safetensors_writer& writer, const weights_view<Scalar>& weights, std::string_view prefix,
+               dtype stored = dtype::f32, bool include_bias = true) {
+  weights.require_complete();
+  const std::vector<Scalar> zeros(static_cast<std::size_t>(weights.dims().experts), Scalar(0));
+  weights.for_each_tensor([&](const tensor_info& info, const Scalar* const& data) {
+    const bool bias = info.role == tensor_role::selection_bias;
+    if (bias && !include_bias) return;
+    const Scalar* values = (bias && data == nullptr) ? zeros.data() : data;
+    const tensor_shape shape = bias ? tensor_shape{info.rows} : tensor_shape{info.rows, info.cols};
+    writer.add(tensor_name(prefix, info.name), shape,
+               std::span<const Scalar>(values, static_cast<std::size_t>(info.size())), stored);
+  });
+}
+
+/// Writes one layer's weights to a .safetensors file, names as in Hugging Face checkpoints.
+template <class Scalar>
+void save_layer(const std::filesystem::path& path, const weights_view<Scalar>& weights, std::string_view prefix,
+                dtype stored = dtype::f32) {
+  safetensors_writer writer;
+  writer.set_metadata("format", "pt");
+  add_layer(writer, weights, prefix, stored);
+  writer.write(path);
+}
+
+}  // namespace io
+GROVE_END_NAMESPACE
