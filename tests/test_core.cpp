@@ -486,7 +486,7 @@ TEST_SUITE("errors") {
     const auto plan = a.route(x);
     CHECK_THROWS_WITH_AS(b.forward(plan, x, y), doctest::Contains("another top-k or scale"), grove::error);
     grove::row_matrix<float> short_y(2, 8);
-    CHECK_THROWS_WITH_AS(a.forward(plan, x, short_y), doctest::Contains("output y is [2, 8] but must be [3, 8]"),
+    CHECK_THROWS_WITH_AS(a.forward(plan, x, short_y), doctest::Contains("output y is [2, 8] but the plan and layer expect [3, 8]"),
                          grove::error);
     grove::row_matrix<float> other_x = grove::row_matrix<float>::Random(4, 8);
     CHECK_THROWS_WITH_AS(a.forward(plan, other_x, y), doctest::Contains("input x is [4, 8]"), grove::error);

@@ -5,53 +5,62 @@
 #include <type_traits>
 
 #include "grove/error.hpp"
+#include "grove/experts/bf16_weights.hpp"
 #include "grove/experts/layer_weights.hpp"
 #include "grove/experts/swiglu.hpp"
 #include "grove/experts/tensor_types.hpp"
+#include "grove/kernels/cpu/batch_shapes.hpp"
+#include "grove/kernels/cpu/expert_engine.hpp"
+#include "grove/kernels/cpu/swiglu_batch.hpp"
 #include "grove/router/routing_plan.hpp"
 
 GROVE_BEGIN_NAMESPACE
 namespace cpu {
 
+/// The plain version of forward_experts, kept as the baseline the fast path is measured and
+/// tested against: each expert and each adjugate processes its rows of the plan as one batch
+/// with Eigen products (gather, gate/up product, SwiGLU, down product, weighted scatter-add),
+/// one after the other on the calling thread. Summation order is fixed (experts by index, then
+/// adjugates; tokens ascending). Eigen vectorises only for the instruction sets the translation
+/// unit is compiled for.
+template <class Scalar>
+void forward_experts_simple(const weights_view<Scalar>& weights, const routing_plan<Scalar>& plan,
+                            std::type_identity_t<const_rows_ref<Scalar>> x,
+                            std::type_identity_t<rows_ref<Scalar>> y) {
+  const layer_dims& d = weights.dims();
+  detail::require_batch_shapes(d, plan, x.rows(), x.cols(), "input x");
+  detail::require_batch_shapes(d, plan, y.rows(), y.cols(), "output y");
+  y.setZero();
+  detail::swiglu_batch_scratch<Scalar> scratch;
+  auto run = [&](const swiglu_weights<const Scalar>& mlp, std::span<const dispatch_row<Scalar>> rows) {
+    if (!rows.empty()) detail::swiglu_batch_forward<Scalar>(mlp, rows, x, scratch, y);
+  };
+  for (index e = 0; e < d.experts; ++e) run(weights.expert(e), plan.rows_of_expert(e));
+  for (index j = 0; j < d.groups; ++j) run(weights.adjugate(j), plan.rows_of_adjugate(j));
+}
+
 /// Runs the routed experts and the activated adjugates of a plan on the CPU and writes
-/// y = Σ_s w_s E_{e_s}(x) + λ Σ_j c_j A_j(x) (docs/math.md, step 6). Each expert and each
-/// adjugate processes its rows of the plan as one batch: gather, gate/up product, SwiGLU,
-/// down product, weighted scatter-add. Adjugates come from the plan's deduplicated rows, so
-/// each is evaluated once per token. Summation order is fixed (experts by index, then
-/// adjugates; tokens ascending), so results do not depend on anything but the inputs.
+/// y = Σ_s w_s E_{e_s}(x) + λ Σ_j c_j A_j(x) (docs/math.md, step 6). Adjugates come from the
+/// plan's deduplicated rows, so each is evaluated once per token.
+///
+/// For float this is the fast path (docs/performance.md): default_engine()'s fused pass over
+/// routed experts and adjugates, SIMD kernels chosen at run time, all threads, bitwise
+/// identical results for any thread count. Other scalar types run forward_experts_simple.
 template <class Scalar>
 void forward_experts(const weights_view<Scalar>& weights, const routing_plan<Scalar>& plan,
                      std::type_identity_t<const_rows_ref<Scalar>> x,
                      std::type_identity_t<rows_ref<Scalar>> y) {
-  const layer_dims& d = weights.dims();
-  detail::require(x.rows() == plan.tokens && x.cols() == d.hidden,
-                  "grove: input x is [" + std::to_string(x.rows()) + ", " + std::to_string(x.cols()) +
-                      "] but the plan and layer expect [" + std::to_string(plan.tokens) + ", " +
-                      std::to_string(d.hidden) + "]");
-  detail::require(y.rows() == plan.tokens && y.cols() == d.hidden,
-                  "grove: output y is [" + std::to_string(y.rows()) + ", " + std::to_string(y.cols()) +
-                      "] but must be [" + std::to_string(plan.tokens) + ", " + std::to_string(d.hidden) + "]");
-  detail::require(plan.experts == d.experts && plan.groups == d.groups,
-                  "grove: the routing plan was made for another layer (E or G differ)");
+  if constexpr (std::is_same_v<Scalar, float>)
+    default_engine().forward(weights, plan, x, y);
+  else
+    forward_experts_simple(weights, plan, x, y);
+}
 
-  y.setZero();
-  row_matrix<Scalar> gathered, gate, up, out;
-  auto run = [&](const swiglu_weights<const Scalar>& mlp, std::span<const dispatch_row<Scalar>> rows) {
-    const auto n = static_cast<index>(rows.size());
-    if (n == 0) return;
-    gathered.resize(n, d.hidden);
-    for (index i = 0; i < n; ++i) gathered.row(i) = x.row(rows[static_cast<std::size_t>(i)].token);
-    gate.noalias() = gathered * mlp.gate.transpose();
-    up.noalias() = gathered * mlp.up.transpose();
-    gate = gate.unaryExpr([](Scalar z) { return detail::silu(z); }).cwiseProduct(up);
-    out.noalias() = gate * mlp.down.transpose();
-    for (index i = 0; i < n; ++i) {
-      const auto& row = rows[static_cast<std::size_t>(i)];
-      y.row(row.token) += row.weight * out.row(i);
-    }
-  };
-  for (index e = 0; e < d.experts; ++e) run(weights.expert(e), plan.rows_of_expert(e));
-  for (index j = 0; j < d.groups; ++j) run(weights.adjugate(j), plan.rows_of_adjugate(j));
+/// The same with BF16 weights (grove::bf16_weights::view()): weights stay bf16 in memory,
+/// products accumulate in fp32 (vdpbf16ps where the CPU has AVX512_BF16).
+inline void forward_experts(const weights_view<bf16>& weights, const routing_plan<float>& plan,
+                            const_rows_ref<float> x, rows_ref<float> y) {
+  default_engine().forward(weights, plan, x, y);
 }
 
 }  // namespace cpu

@@ -1,0 +1,226 @@
+// grove CUDA backend: a layer's weights in device memory.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "grove/config/layer_dims.hpp"
+#include "grove/cuda/common.cuh"
+
+GROVE_BEGIN_NAMESPACE
+namespace cuda {
+
+/// The sizes of a layer as the kernels see them (docs/math.md: H, E, G, I, Ia). The kernels
+/// number the E + G SwiGLU MLPs of a layer 0 .. E+G-1: routed experts first, then adjugates,
+/// so that one schedule covers both ("mlp m").
+struct layer_shape {
+  int hidden = 0;
+  int experts = 0;
+  int groups = 0;
+  int expert_intermediate = 0;
+  int adjugate_intermediate = 0;
+
+  layer_shape() = default;
+  explicit layer_shape(const layer_dims& d)
+      : hidden(static_cast<int>(d.hidden)),
+        experts(static_cast<int>(d.experts)),
+        groups(static_cast<int>(d.groups)),
+        expert_intermediate(static_cast<int>(d.expert_intermediate)),
+        adjugate_intermediate(static_cast<int>(d.adjugate_intermediate)) {}
+
+  __host__ __device__ int group_size() const { return experts / groups; }
+  __host__ __device__ int mlps() const { return experts + groups; }
+  /// Intermediate size of MLP m: I for a routed expert, Ia for an adjugate.
+  __host__ __device__ int intermediate(int m) const {
+    return m < experts ? expert_intermediate : adjugate_intermediate;
+  }
+  [[nodiscard]] layer_dims dims() const {
+    return layer_dims{hidden, experts, groups, expert_intermediate, adjugate_intermediate};
+  }
+};
+
+/// Read-only device view of a layer's weights (PyTorch [out, in] row-major layout, as on the CPU).
+/// `gate`, `up`, `down` are device arrays of E + G device pointers (experts, then adjugates), so
+/// the tensors may live anywhere: one flat buffer (device_parameters) or a framework's own
+/// allocations. gate/up of MLP m are [N_m, H], down is [H, N_m] with N_m = shape.intermediate(m).
+template <class S>
+struct device_weights {
+  layer_shape shape;
+  const S* router = nullptr;       ///< W_r [E, H]
+  const S* const* gate = nullptr;  ///< [E + G] pointers
+  const S* const* up = nullptr;    ///< [E + G] pointers
+  const S* const* down = nullptr;  ///< [E + G] pointers
+  const float* bias = nullptr;     ///< selection bias b [E] in fp32; nullptr means zero
+};
+
+/// Writable fp32 device view with the same structure, for gradients (always fp32, whatever the
+/// weights' type: the usual master-gradient precision).
+struct device_gradients {
+  layer_shape shape;
+  float* router = nullptr;
+  float* const* gate = nullptr;
+  float* const* up = nullptr;
+  float* const* down = nullptr;
+};
+
+namespace detail {
+
+__device__ inline float hashed_normal(std::uint64_t seed, std::uint64_t i) {
+  auto mix = [](std::uint64_t z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  };
+  const std::uint64_t a = mix(seed ^ mix(2 * i));
+  const std::uint64_t b = mix(seed ^ mix(2 * i + 1));
+  const float u1 = (static_cast<float>(a >> 40) + 1.0f) * 0x1.0p-24f;  // (0, 1]
+  const float u2 = static_cast<float>(b >> 40) * 0x1.0p-24f;
+  return sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
+}
+
+template <class S>
+__global__ void fill_normal_kernel(S* values, std::int64_t count, std::uint64_t seed, float stddev) {
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
+    values[i] = from_float<S>(stddev * hashed_normal(seed, static_cast<std::uint64_t>(i)));
+}
+
+}  // namespace detail
+
+/// A layer's weights, owned, in device memory: the trainable tensors in ONE flat buffer in
+/// checkpoint order (router, experts 0..E-1 gate/up/down, adjugates 0..G-1 gate/up/down), as
+/// grove::layer_parameters holds them on the host, plus the fp32 selection bias and the
+/// pointer tables the kernels index. With S = float it also serves as a gradient buffer.
+template <class S>
+class device_parameters {
+  static_assert(detail::is_device_scalar<S>, "GROVE_CUDA_SCALAR_MUST_BE_float_OR_bfloat16");
+
+ public:
+  device_parameters() = default;
+
+  /// All tensors and the bias zero.
+  explicit device_parameters(const layer_dims& dims) : dims_((dims.validate(), dims)), shape_(dims) {
+    values_.allocate(static_cast<std::size_t>(total_parameters(dims)));
+    bias_.allocate(static_cast<std::size_t>(dims.experts));
+    values_.zero();
+    bias_.zero();
+    build_tables();
+    detail::check(cudaDeviceSynchronize(), "zeroing device_parameters");
+  }
+
+  /// Copies host weights (a grove::weights_view<float> or <double>, or anything with the same
+  /// router()/expert(e)/adjugate(j)/bias()/dims() interface) to the device, rounding to S.
+  /// A missing bias uploads as zeros.
+  template <class HostWeights>
+  static device_parameters upload(const HostWeights& host) {
+    device_parameters p(host.dims());
+    const layer_dims& d = host.dims();
+    std::vector<S> staging(p.values_.size());
+    std::size_t at = 0;
+    auto put = [&](const auto* src, index count, const std::string& what) {
+      if (src == nullptr) throw error("grove::cuda: missing tensor '" + what + "' in the weights to upload");
+      for (index i = 0; i < count; ++i) staging[at++] = detail::from_float<S>(static_cast<float>(src[i]));
+    };
+    put(host.router().data(), d.experts * d.hidden, "gate.weight");
+    for (index e = 0; e < d.experts; ++e) {
+      const auto mlp = host.expert(e);
+      const std::string name = "experts." + std::to_string(e);
+      put(mlp.gate.data(), mlp.gate.size(), name + ".gate_proj.weight");
+      put(mlp.up.data(), mlp.up.size(), name + ".up_proj.weight");
+      put(mlp.down.data(), mlp.down.size(), name + ".down_proj.weight");
+    }
+    for (index j = 0; j < d.groups; ++j) {
+      const auto mlp = host.adjugate(j);
+      const std::string name = "chunk_experts." + std::to_string(j);
+      put(mlp.gate.data(), mlp.gate.size(), name + ".gate_proj.weight");
+      put(mlp.up.data(), mlp.up.size(), name + ".up_proj.weight");
+      put(mlp.down.data(), mlp.down.size(), name + ".down_proj.weight");
+    }
+    p.values_.upload(staging);
+    if (host.bias() != nullptr) {
+      std::vector<float> bias(static_cast<std::size_t>(d.experts));
+      for (index e = 0; e < d.experts; ++e) bias[static_cast<std::size_t>(e)] = static_cast<float>(host.bias()[e]);
+      p.bias_.upload(bias);
+    }
+    return p;
+  }
+
+  [[nodiscard]] const layer_dims& dims() const { return dims_; }
+  [[nodiscard]] const layer_shape& shape() const { return shape_; }
+
+  /// The view the kernels read.
+  [[nodiscard]] device_weights<S> weights() const {
+    device_weights<S> w;
+    w.shape = shape_;
+    w.router = values_.data();
+    const std::size_t m = static_cast<std::size_t>(shape_.mlps());
+    w.gate = tables_.data();
+    w.up = tables_.data() + m;
+    w.down = tables_.data() + 2 * m;
+    w.bias = bias_.data();
+    return w;
+  }
+
+  /// The writable fp32 view backward accumulates into.
+  [[nodiscard]] device_gradients gradients() requires std::is_same_v<S, float> {
+    device_gradients g;
+    g.shape = shape_;
+    g.router = values_.data();
+    const std::size_t m = static_cast<std::size_t>(shape_.mlps());
+    g.gate = tables_.data();
+    g.up = tables_.data() + m;
+    g.down = tables_.data() + 2 * m;
+    return g;
+  }
+
+  /// The flat buffer (checkpoint order), its length and the bias [E].
+  [[nodiscard]] S* values() const { return values_.data(); }
+  [[nodiscard]] std::size_t value_count() const { return values_.size(); }
+  [[nodiscard]] float* bias() const { return bias_.data(); }
+
+  /// Copies the flat buffer to the host (synchronising), e.g. to compare with
+  /// grove::layer_parameters::values() or to save a checkpoint.
+  [[nodiscard]] std::vector<S> download_values() const { return values_.download(); }
+  [[nodiscard]] std::vector<float> download_bias() const { return bias_.download(); }
+
+  /// Sets every trainable tensor to zero on `stream` (gradients between steps); bias untouched.
+  void zero_values(cudaStream_t stream = nullptr) { values_.zero(stream); }
+
+  /// Fills the trainable tensors with N(0, stddev²) on the device (fast, for benchmarks; not the
+  /// same numbers as layer_parameters::random).
+  void fill_normal(std::uint64_t seed, float stddev, cudaStream_t stream = nullptr) {
+    if (values_.empty()) return;
+    detail::launch("fill_normal_kernel", detail::fill_normal_kernel<S>, 1024, 256, 0, stream, values_.data(),
+                   static_cast<std::int64_t>(values_.size()), seed, stddev);
+  }
+
+ private:
+  void build_tables() {
+    const layer_dims& d = dims_;
+    const std::size_t m = static_cast<std::size_t>(shape_.mlps());
+    std::vector<S*> table(3 * m);
+    S* cursor = values_.data() + d.experts * d.hidden;
+    auto place = [&](std::size_t mlp, index inter) {
+      const index block = inter * d.hidden;
+      table[mlp] = cursor;
+      table[m + mlp] = cursor + block;
+      table[2 * m + mlp] = cursor + 2 * block;
+      cursor += 3 * block;
+    };
+    for (index e = 0; e < d.experts; ++e) place(static_cast<std::size_t>(e), d.expert_intermediate);
+    for (index j = 0; j < d.groups; ++j) place(static_cast<std::size_t>(d.experts + j), d.adjugate_intermediate);
+    tables_.allocate(table.size());
+    tables_.upload(table);
+  }
+
+  layer_dims dims_{};
+  layer_shape shape_{};
+  device_buffer<S> values_;
+  device_buffer<float> bias_;
+  device_buffer<S*> tables_;  // gate[E+G], up[E+G], down[E+G]
+};
+
+}  // namespace cuda
+GROVE_END_NAMESPACE

@@ -1,0 +1,27 @@
+#pragma once
+
+#include <string>
+
+#include "grove/config/layer_dims.hpp"
+#include "grove/error.hpp"
+#include "grove/router/routing_plan.hpp"
+
+GROVE_BEGIN_NAMESPACE
+namespace detail {
+
+/// The check every CPU expert pass makes before touching memory: the plan belongs to a layer of
+/// these dims, and the [rows, cols] block called `what` ("input x", "output y", ...) is [T, H].
+/// One place for the message, so every kernel reports a bad shape the same way.
+template <class Scalar>
+void require_batch_shapes(const layer_dims& d, const routing_plan<Scalar>& plan, index rows, index cols,
+                          const char* what) {
+  require(plan.experts == d.experts && plan.groups == d.groups && plan.group_size == d.group_size(),
+          "grove: the routing plan was made for another layer (E or G differ)");
+  require(rows == plan.tokens && cols == d.hidden,
+          std::string("grove: ") + what + " is [" + std::to_string(rows) + ", " + std::to_string(cols) +
+              "] but the plan and layer expect [" + std::to_string(plan.tokens) + ", " + std::to_string(d.hidden) +
+              "]");
+}
+
+}  // namespace detail
+GROVE_END_NAMESPACE

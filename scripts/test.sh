@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Builds everything (library checks, tests, examples, benchmarks) and runs the tests with ctest:
+#   scripts/test.sh [BUILD_DIR]
+# Benchmarks are compiled, never run. Installs the Debian packages the build needs when they are
+# missing (as root or with sudo; else it prints the apt-get command to run). Runs from any directory.
+#
+# Environment:
+#   CXX                      g++ or clang++ (default g++)
+#   GROVE_BUILD_DIR          build folder when no argument is given (default <grove>/build)
+#   GROVE_BUILD_TYPE         CMake build type (default Release at -O2; with sanitizers Debug at -O1)
+#   GROVE_SANITIZE           e.g. address,undefined
+#   GROVE_WERROR             ON: warnings are errors
+#   GROVE_BUILD_BENCHMARKS, GROVE_CONSUMER_TESTS, GROVE_HEADER_CHECK   ON (default) or OFF
+#   GROVE_CUDA, GROVE_NATIVE, GROVE_FETCH_DEPENDENCIES  passed on to CMake when set
+#   (the options are described in docs/install.md)
+#   GROVE_JOBS               parallel build and test jobs (default 2)
+#   CMAKE_GENERATOR, GROVE_SKIP_PACKAGES=1
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+export CXX="${CXX:-g++}"
+# shellcheck disable=SC2046
+grove_require_packages $(grove_packages all)
+
+build_dir="${1:-${GROVE_BUILD_DIR:-$GROVE_ROOT/build}}"
+sanitize="${GROVE_SANITIZE:-}"
+args=(
+  -DGROVE_BUILD_TESTS=ON
+  -DGROVE_BUILD_EXAMPLES=ON
+  "-DGROVE_WERROR=${GROVE_WERROR:-OFF}"
+  "-DGROVE_SANITIZE=$sanitize"
+  "-DGROVE_BUILD_BENCHMARKS=${GROVE_BUILD_BENCHMARKS:-ON}"
+  "-DGROVE_CONSUMER_TESTS=${GROVE_CONSUMER_TESTS:-ON}"
+  "-DGROVE_HEADER_CHECK=${GROVE_HEADER_CHECK:-ON}"
+)
+if [[ -n "$sanitize" ]]; then
+  # Sanitized code at -O1: fast enough to run, still close to what the optimizer does.
+  args+=("-DCMAKE_BUILD_TYPE=${GROVE_BUILD_TYPE:-Debug}" "-DCMAKE_CXX_FLAGS_DEBUG=-O1 -g1")
+else
+  # Tests at -O2 (CMake's Release is -O3): as fast to run, quicker to compile.
+  args+=("-DCMAKE_BUILD_TYPE=${GROVE_BUILD_TYPE:-Release}" "-DCMAKE_CXX_FLAGS_RELEASE=-O2 -DNDEBUG")
+fi
+for option in GROVE_CUDA GROVE_NATIVE GROVE_FETCH_DEPENDENCIES; do
+  if [[ -n "${!option:-}" ]]; then
+    args+=("-D$option=${!option}")
+  fi
+done
+
+grove_log "building in $build_dir with $CXX${sanitize:+, sanitizers $sanitize}"
+grove_configure "$build_dir" "${args[@]}"
+cmake --build "$build_dir" --parallel "$GROVE_JOBS"
+ctest --test-dir "$build_dir" --output-on-failure --parallel "$GROVE_JOBS"

@@ -1,0 +1,525 @@
+// Fast CPU expert pass (grove/kernels/cpu/expert_engine.hpp, grove/simd/): every instruction-set
+// level and weight format against a plain scalar reference written here, bitwise determinism
+// across thread counts, runs and tile shapes, the schedule, the workspace, the SIMD helpers.
+// g++ 12 with -march=native (AVX-512) reports its own intrinsics' `__m512 __Y = __Y;` as
+// uninitialised wherever Eigen's AVX-512 packet math is inlined (GCC bug 105593); the headers
+// are system headers but the report lands on this file. Nothing here reads an uninitialised value.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <doctest/doctest.h>
+
+#include <grove/grove.hpp>
+#include <grove/experts/bf16_weights.hpp>
+#include <grove/kernels/cpu/expert_engine.hpp>
+#include <grove/kernels/cpu/expert_forward.hpp>
+#include <grove/simd/batch.hpp>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace {
+
+using Index = grove::index;
+using grove::layer_dims;
+using grove::row_matrix;
+using grove::simd::isa;
+
+// ---------------------------------------------------------------------------------------------
+// Reference: token by token from the plan's per-token view (picks, weights, distinct groups),
+// double precision, plain loops over the weight maps. Optionally rounds x and h to bf16 the way
+// the vdpbf16ps path does (round to nearest even), so that path can be checked tightly.
+// ---------------------------------------------------------------------------------------------
+double round_bf16(double v) {
+  const auto bits = std::bit_cast<std::uint32_t>(static_cast<float>(v));
+  const std::uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+  return static_cast<double>(std::bit_cast<float>(rounded));
+}
+double as_double(float v) { return v; }
+double as_double(grove::bf16 v) { return static_cast<double>(static_cast<float>(v)); }
+
+struct reference_result {
+  std::vector<double> y;      // [T*H]
+  std::vector<double> scale;  // [T*H]: Σ of |terms|, the natural size of rounding errors
+};
+
+template <class W>
+reference_result reference_forward(const grove::weights_view<W>& w, const grove::routing_plan<float>& plan,
+                                   const row_matrix<float>& x, bool round_activations) {
+  const layer_dims& d = w.dims();
+  const Index H = d.hidden, T = x.rows();
+  reference_result out{std::vector<double>(static_cast<std::size_t>(T * H), 0.0),
+                       std::vector<double>(static_cast<std::size_t>(T * H), 0.0)};
+  std::vector<double> in(static_cast<std::size_t>(H));
+  auto add_mlp = [&](const grove::swiglu_weights<const W>& mlp, Index t, double weight) {
+    const Index inter = mlp.gate.rows();
+    std::vector<double> h(static_cast<std::size_t>(inter));
+    for (Index i = 0; i < inter; ++i) {
+      double g = 0, u = 0;
+      for (Index c = 0; c < H; ++c) {
+        g += as_double(mlp.gate(i, c)) * in[static_cast<std::size_t>(c)];
+        u += as_double(mlp.up(i, c)) * in[static_cast<std::size_t>(c)];
+      }
+      const double v = g / (1.0 + std::exp(-g)) * u;
+      h[static_cast<std::size_t>(i)] = round_activations ? round_bf16(v) : v;
+    }
+    for (Index c = 0; c < H; ++c) {
+      double o = 0, a = 0;
+      for (Index i = 0; i < inter; ++i) {
+        o += as_double(mlp.down(c, i)) * h[static_cast<std::size_t>(i)];
+        a += std::abs(as_double(mlp.down(c, i)) * h[static_cast<std::size_t>(i)]);
+      }
+      out.y[static_cast<std::size_t>(t * H + c)] += weight * o;
+      out.scale[static_cast<std::size_t>(t * H + c)] += std::abs(weight) * a;
+    }
+  };
+  for (Index t = 0; t < T; ++t) {
+    for (Index c = 0; c < H; ++c) {
+      const double v = x(t, c);
+      in[static_cast<std::size_t>(c)] = round_activations ? round_bf16(v) : v;
+    }
+    for (Index s = 0; s < plan.top_k; ++s)
+      add_mlp(w.expert(plan.topk_ids(t, s)), t, plan.topk_weights(t, s));
+    for (Index g = 0; g < plan.groups_per_token[static_cast<std::size_t>(t)]; ++g)
+      add_mlp(w.adjugate(plan.token_groups(t, g)), t, plan.scale * plan.group_weights(t, g));
+  }
+  return out;
+}
+
+/// Largest |y - ref| / (scale + floor), the floor keeping near-empty sums from dominating.
+double relative_error(const row_matrix<float>& y, const reference_result& ref) {
+  double worst = 0, floor = 0;
+  for (double s : ref.scale) floor = std::max(floor, s);
+  floor = 1e-3 * floor + 1e-30;
+  for (Index t = 0; t < y.rows(); ++t)
+    for (Index c = 0; c < y.cols(); ++c) {
+      const auto at = static_cast<std::size_t>(t * y.cols() + c);
+      worst = std::max(worst, std::abs(double(y(t, c)) - ref.y[at]) / (ref.scale[at] + floor));
+    }
+  return worst;
+}
+
+bool same_bits(const row_matrix<float>& a, const row_matrix<float>& b) {
+  return a.rows() == b.rows() && a.cols() == b.cols() &&
+         (a.size() == 0 || std::memcmp(a.data(), b.data(), sizeof(float) * static_cast<std::size_t>(a.size())) == 0);
+}
+
+struct layer_case {
+  const char* name;
+  layer_dims dims;
+  Index top_k;
+  Index tokens;
+};
+
+// Shapes: odd sizes (not multiples of any SIMD width), group size 1, one group, k = 1, k = E,
+// T = 0 and 1, items with more than one row tile (> 64 rows) and more than one column tile.
+const layer_case cases[] = {
+    {"general", {40, 8, 4, 24, 12}, 3, 37},
+    {"group size 1", {33, 6, 6, 20, 9}, 2, 19},
+    {"one group", {48, 5, 1, 16, 8}, 2, 23},
+    {"k = 1", {35, 4, 2, 17, 5}, 1, 13},
+    {"k = E", {31, 4, 2, 13, 7}, 4, 9},
+    {"T = 1", {70, 8, 4, 40, 20}, 2, 1},
+    {"T = 0", {24, 4, 2, 8, 4}, 2, 0},
+    {"many rows per item", {64, 2, 1, 72, 66}, 2, 150},
+    {"full vectors", {256, 8, 4, 96, 32}, 2, 40},
+};
+
+struct prepared {
+  grove::layer_parameters<float> params;
+  row_matrix<float> x;
+  grove::routing_plan<float> plan;
+};
+
+prepared prepare(const layer_case& c, std::uint64_t seed) {
+  prepared p{grove::layer_parameters<float>::random(c.dims, seed, 0.3), row_matrix<float>(c.tokens, c.dims.hidden), {}};
+  grove::detail::normal_generator gen(seed + 99);
+  for (Index i = 0; i < p.x.size(); ++i) p.x.data()[i] = static_cast<float>(gen.normal());
+  // λ = G/E, the paper's largest, so that adjugates weigh as much as they can.
+  const double lambda = double(c.dims.groups) / double(c.dims.experts);
+  p.plan = grove::route(p.params.view(), {c.top_k, lambda}, p.x);
+  return p;
+}
+
+std::vector<isa> levels() {
+  std::vector<isa> out;
+  for (int l = 0; l < grove::simd::isa_count; ++l)
+    if (grove::simd::supported(static_cast<isa>(l))) out.push_back(static_cast<isa>(l));
+  return out;
+}
+
+grove::cpu::expert_engine make_engine(isa level, int threads, grove::cpu::schedule_shape shape = {}) {
+  grove::cpu::engine_options options;
+  options.threads = threads;
+  options.isa = level;
+  options.shape = shape;
+  return grove::cpu::expert_engine(options);
+}
+
+}  // namespace
+
+TEST_CASE("fast_cpu: the machine's instruction-set levels") {
+  // Not an assertion about this machine, a record in the test log of what was exercised.
+  std::string found;
+  for (isa l : levels()) found += std::string(grove::simd::isa_name(l)) + " ";
+  MESSAGE("levels tested here: " << found);
+  CHECK(grove::simd::supported(isa::scalar));
+  CHECK(grove::simd::supported(grove::simd::best_isa()));
+  // Each level implies the ones below it.
+  for (int l = 1; l < grove::simd::isa_count; ++l)
+    if (grove::simd::supported(static_cast<isa>(l))) CHECK(grove::simd::supported(static_cast<isa>(l - 1)));
+}
+
+TEST_CASE("fast_cpu: fp32 weights match the scalar reference on every shape and level") {
+  std::uint64_t seed = 1;
+  for (const layer_case& c : cases) {
+    const prepared p = prepare(c, seed++);
+    const reference_result ref = reference_forward(p.params.view(), p.plan, p.x, false);
+    for (isa level : levels()) {
+      CAPTURE(c.name);
+      CAPTURE(grove::simd::isa_name(level));
+      auto engine = make_engine(level, 2);
+      row_matrix<float> y = row_matrix<float>::Constant(c.tokens, c.dims.hidden, 123.0f);  // must be overwritten
+      engine.forward(p.params.view(), p.plan, p.x, y);
+      CHECK(relative_error(y, ref) < 1e-5);
+    }
+  }
+}
+
+TEST_CASE("fast_cpu: bf16 weights match a reference that rounds the weights to bf16 first") {
+  std::uint64_t seed = 100;
+  for (const layer_case& c : cases) {
+    const prepared p = prepare(c, seed++);
+    const grove::bf16_weights w = grove::bf16_weights::from(p.params.view());
+    // Route with the bf16 router (widened to fp32), as a BF16 checkpoint would.
+    const auto plan = grove::route(w.routing_view(), {c.top_k, p.plan.scale}, p.x);
+    const reference_result exact = reference_forward(w.view(), plan, p.x, false);
+    const reference_result rounded = reference_forward(w.view(), plan, p.x, true);
+    for (isa level : levels()) {
+      CAPTURE(c.name);
+      CAPTURE(grove::simd::isa_name(level));
+      auto engine = make_engine(level, 2);
+      row_matrix<float> y(c.tokens, c.dims.hidden);
+      engine.forward(w.view(), plan, p.x, y);
+      if (level == isa::avx512_bf16) {
+        // vdpbf16ps: x and h are rounded to bf16 as in `rounded`; an h element whose fp32 and
+        // double values round to neighbouring bf16 numbers may differ by one bf16 ulp (2^-8).
+        CHECK(relative_error(y, rounded) < 4e-3);
+        // And the rounding of activations is the only approximation: close to exact as well.
+        CHECK(relative_error(y, exact) < 3e-2);
+      } else {
+        // Weights widened to fp32, activations fp32: as accurate as the fp32 path.
+        CHECK(relative_error(y, exact) < 1e-5);
+      }
+    }
+  }
+}
+
+TEST_CASE("fast_cpu: results are bitwise identical for 1 to 4 threads, repeated runs and tile shapes") {
+  const layer_case c{"determinism", {72, 8, 4, 40, 24}, 3, 90};
+  const prepared p = prepare(c, 7);
+  const grove::bf16_weights w = grove::bf16_weights::from(p.params.view());
+  const grove::cpu::schedule_shape odd_shape{3, 5, 7};
+  for (isa level : levels()) {
+    CAPTURE(grove::simd::isa_name(level));
+    row_matrix<float> first(c.tokens, c.dims.hidden), first_bf16(c.tokens, c.dims.hidden);
+    make_engine(level, 1).forward(p.params.view(), p.plan, p.x, first);
+    make_engine(level, 1).forward(w.view(), p.plan, p.x, first_bf16);
+    for (int threads = 1; threads <= 4; ++threads) {
+      CAPTURE(threads);
+      auto engine = make_engine(level, threads);
+      for (int run = 0; run < 2; ++run) {
+        row_matrix<float> y(c.tokens, c.dims.hidden), yb(c.tokens, c.dims.hidden);
+        engine.forward(p.params.view(), p.plan, p.x, y);
+        engine.forward(w.view(), p.plan, p.x, yb);
+        CHECK(same_bits(y, first));
+        CHECK(same_bits(yb, first_bf16));
+      }
+      // Tiles change which thread computes what and in which blocks, never the sums.
+      auto odd = make_engine(level, threads, odd_shape);
+      row_matrix<float> y(c.tokens, c.dims.hidden);
+      odd.forward(p.params.view(), p.plan, p.x, y);
+      CHECK(same_bits(y, first));
+    }
+  }
+}
+
+TEST_CASE("fast_cpu: forward_experts is the fast path and agrees with forward_experts_simple") {
+  const layer_case c{"integration", {48, 8, 4, 32, 16}, 2, 21};
+  const prepared p = prepare(c, 11);
+  row_matrix<float> fast(c.tokens, c.dims.hidden), simple(c.tokens, c.dims.hidden), engine_y(c.tokens, c.dims.hidden);
+  grove::cpu::forward_experts(p.params.view(), p.plan, p.x, fast);
+  grove::cpu::forward_experts_simple(p.params.view(), p.plan, p.x, simple);
+  grove::cpu::default_engine().forward(p.params.view(), p.plan, p.x, engine_y);
+  CHECK(same_bits(fast, engine_y));
+  CHECK((fast - simple).cwiseAbs().maxCoeff() <= 1e-5 * (1.0 + simple.cwiseAbs().maxCoeff()));
+  // The layer calls it.
+  grove::layer layer(grove::dynamic_config<float>(c.dims, c.top_k, p.plan.scale), grove::layer_parameters<float>(p.params));
+  const row_matrix<float> y = layer.forward(p.x);
+  CHECK(same_bits(y, fast));
+  // bf16 overload of the integration point.
+  const grove::bf16_weights w = grove::bf16_weights::from(p.params.view());
+  row_matrix<float> yb(c.tokens, c.dims.hidden), yb_engine(c.tokens, c.dims.hidden);
+  grove::cpu::forward_experts(w.view(), p.plan, p.x, yb);
+  grove::cpu::default_engine().forward(w.view(), p.plan, p.x, yb_engine);
+  CHECK(same_bits(yb, yb_engine));
+  // double has no fast path: forward_experts runs the simple version.
+  const auto pd = grove::layer_parameters<double>::random(c.dims, 3, 0.3);
+  const row_matrix<double> xd = p.x.cast<double>();
+  const auto plan_d = grove::route(pd.view(), {c.top_k, 0.5}, xd);
+  row_matrix<double> yd1(c.tokens, c.dims.hidden), yd2(c.tokens, c.dims.hidden);
+  grove::cpu::forward_experts(pd.view(), plan_d, xd, yd1);
+  grove::cpu::forward_experts_simple(pd.view(), plan_d, xd, yd2);
+  CHECK(yd1 == yd2);
+}
+
+TEST_CASE("fast_cpu: x and y may be the same matrix") {
+  const layer_case c{"in place", {40, 4, 2, 24, 8}, 2, 17};
+  const prepared p = prepare(c, 12);
+  row_matrix<float> expected(c.tokens, c.dims.hidden);
+  auto engine = make_engine(grove::simd::best_isa(), 2);
+  engine.forward(p.params.view(), p.plan, p.x, expected);
+  row_matrix<float> xy = p.x;
+  engine.forward(p.params.view(), p.plan, xy, xy);
+  CHECK(same_bits(xy, expected));
+}
+
+TEST_CASE("fast_cpu: the schedule covers every row and column of every item exactly once") {
+  const layer_case c{"schedule", {40, 8, 4, 70, 20}, 3, 100};
+  const prepared p = prepare(c, 13);
+  grove::cpu::expert_schedule<float> schedule;
+  const grove::cpu::schedule_shape shape{16, 32, 64};
+  schedule.build(p.params.view(), p.plan, shape);
+  const auto items = schedule.items();
+  // Items: routed experts by Index, then adjugates by Index, only those with rows.
+  std::size_t at = 0;
+  Index h_offset = 0;
+  for (Index e = 0; e < c.dims.experts; ++e)
+    if (p.plan.expert_load(e) > 0) {
+      REQUIRE(at < items.size());
+      CHECK(!items[at].adjugate);
+      CHECK(items[at].id == e);
+      CHECK(items[at].row_count == p.plan.expert_load(e));
+      CHECK(items[at].inter == c.dims.expert_intermediate);
+      CHECK(items[at].h_offset == h_offset);
+      h_offset += items[at].row_count * items[at].inter;
+      ++at;
+    }
+  for (Index j = 0; j < c.dims.groups; ++j)
+    if (!p.plan.rows_of_adjugate(j).empty()) {
+      REQUIRE(at < items.size());
+      CHECK(items[at].adjugate);
+      CHECK(items[at].id == j);
+      CHECK(items[at].inter == c.dims.adjugate_intermediate);
+      h_offset += items[at].row_count * items[at].inter;
+      ++at;
+    }
+  CHECK(at == items.size());
+  CHECK(schedule.h_elements() == h_offset);
+  // Tiles partition each item's [rows, inter] exactly.
+  std::vector<int> covered(static_cast<std::size_t>(h_offset), 0);
+  for (const auto& tile : schedule.gate_up_tiles()) {
+    const auto& item = items[static_cast<std::size_t>(tile.item)];
+    CHECK(tile.row_end - tile.row_begin <= shape.gate_up_rows);
+    CHECK(tile.col_end - tile.col_begin <= shape.gate_up_cols);
+    for (Index r = tile.row_begin; r < tile.row_end; ++r)
+      for (Index col = tile.col_begin; col < tile.col_end; ++col)
+        ++covered[static_cast<std::size_t>(item.h_offset + r * item.inter + col)];
+  }
+  CHECK(std::all_of(covered.begin(), covered.end(), [](int n) { return n == 1; }));
+  CHECK(schedule.down_tiles() == (c.dims.hidden + 63) / 64);
+}
+
+TEST_CASE("fast_cpu: the workspace grows to the largest batch and is then reused") {
+  const layer_case big{"big", {64, 8, 4, 32, 16}, 2, 60};
+  const layer_case small{"small", {64, 8, 4, 32, 16}, 2, 20};
+  const prepared pb = prepare(big, 21);
+  prepared ps = prepare(small, 21);
+  auto engine = make_engine(grove::simd::best_isa(), 2);
+  row_matrix<float> yb(big.tokens, big.dims.hidden), ys(small.tokens, small.dims.hidden);
+  engine.forward(pb.params.view(), pb.plan, pb.x, yb);
+  const std::size_t allocations = engine.workspace_allocations();
+  const std::size_t bytes = engine.workspace_bytes();
+  CHECK(allocations > 0);
+  // h alone: T·k·I + Σ n_g·Ia floats.
+  CHECK(bytes >= sizeof(float) * static_cast<std::size_t>(big.tokens * big.top_k * big.dims.expert_intermediate));
+  for (int run = 0; run < 3; ++run) {
+    engine.forward(pb.params.view(), pb.plan, pb.x, yb);
+    engine.forward(pb.params.view(), ps.plan, ps.x, ys);  // same weights, a smaller batch
+  }
+  CHECK(engine.workspace_allocations() == allocations);
+  CHECK(engine.workspace_bytes() == bytes);
+}
+
+TEST_CASE("fast_cpu: errors name what is wrong") {
+  const layer_case c{"errors", {40, 8, 4, 24, 12}, 2, 5};
+  const prepared p = prepare(c, 31);
+  auto engine = make_engine(isa::scalar, 1);
+  row_matrix<float> wrong_y(c.tokens + 1, c.dims.hidden);
+  CHECK_THROWS_WITH_AS(engine.forward(p.params.view(), p.plan, p.x, wrong_y),
+                       doctest::Contains("output y is [6, 40]"), grove::error);
+  row_matrix<float> wrong_x(c.tokens, c.dims.hidden - 1), y(c.tokens, c.dims.hidden);
+  CHECK_THROWS_AS(engine.forward(p.params.view(), p.plan, wrong_x, y), grove::error);
+  const auto other = grove::layer_parameters<float>::random({40, 4, 2, 24, 12}, 1, 0.1);
+  CHECK_THROWS_WITH_AS(engine.forward(other.view(), p.plan, p.x, y), doctest::Contains("another layer"),
+                       grove::error);
+  for (int l = 0; l < grove::simd::isa_count; ++l)
+    if (!grove::simd::supported(static_cast<isa>(l)))
+      CHECK_THROWS_WITH_AS(engine.set_isa(static_cast<isa>(l)), doctest::Contains("does not support"), grove::error);
+  CHECK_THROWS_AS(engine.set_shape({0, 32, 64}), grove::error);
+  CHECK_THROWS_AS(engine.set_shape({16, 65, 64}), grove::error);
+  CHECK_THROWS_WITH_AS(engine.set_shape({65, 32, 64}), doctest::Contains("gate_up_rows"), grove::error);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SIMD helpers. Batch functions carry their level's target attribute, so the code that calls
+// them is compiled for that level too (as the kernels are) and runs only where supported.
+// ---------------------------------------------------------------------------------------------
+namespace {
+
+std::vector<float> probe_values() {
+  std::vector<float> v = {0.0f, -0.0f, 1.0f, -1.0f, 0.5f, 3.14159f, 1e-30f, -1e-30f, 1e-40f, 65504.0f,
+                          std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                          std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::quiet_NaN(),
+                          std::numeric_limits<float>::max(), std::numeric_limits<float>::denorm_min()};
+  // Exact ties between two bf16 values (low 16 bits 0x8000), with even and odd upper halves.
+  for (std::uint32_t hi : {0x3F80u, 0x3F81u, 0xBF82u, 0x4B7Fu})
+    v.push_back(std::bit_cast<float>((hi << 16) | 0x8000u));
+  grove::detail::normal_generator gen(5);
+  for (int i = 0; i < 200; ++i) v.push_back(static_cast<float>(gen.normal() * std::pow(10.0, gen.normal() * 3)));
+  return v;
+}
+
+// The same checks for each level: the functions are defined inside a region compiled for the
+// level (as the library's kernels are), so that the batch functions inline into them.
+#define FAST_CPU_SIMD_CHECKS(Level)          \
+  using B = grove::simd::batch<float, Level>; \
+inline void check_bf16_rounding(const std::vector<float>& values) { \
+  std::vector<std::uint16_t> out(values.size() + 1, 0xABCD); \
+  std::size_t i = 0; \
+  for (; i + B::size <= values.size(); i += B::size) B::load(values.data() + i).store_bf16(out.data() + i); \
+  const int rest = static_cast<int>(values.size() - i); \
+  if (rest > 0) B::load_partial(values.data() + i, rest).store_bf16_partial(out.data() + i, rest); \
+  for (std::size_t j = 0; j < values.size(); ++j) { \
+    CAPTURE(values[j]); \
+    CHECK(out[j] == grove::simd::float_to_bf16_bits(values[j])); \
+  } \
+  CHECK(out[values.size()] == 0xABCD); \
+ \
+  std::vector<std::uint16_t> bits(out.begin(), out.end() - 1); \
+  std::vector<float> back(values.size() + 1, 7.0f); \
+  for (i = 0; i + B::size <= bits.size(); i += B::size) B::load_bf16(bits.data() + i).store(back.data() + i); \
+  if (rest > 0) B::load_bf16_partial(bits.data() + i, rest).store_partial(back.data() + i, rest); \
+  for (std::size_t j = 0; j < bits.size(); ++j) { \
+    const float expected = grove::simd::bf16_bits_to_float(bits[j]); \
+    CHECK(std::memcmp(&back[j], &expected, sizeof(float)) == 0); \
+  } \
+  CHECK(back[values.size()] == 7.0f); \
+} \
+ \
+inline void check_exp_and_sum() { \
+  float in[B::size], out[B::size]; \
+  double worst = 0; \
+  for (int step = 0; step <= 1000; ++step) { \
+    for (int l = 0; l < B::size; ++l) in[l] = -87.0f + 175.0f * float(step * B::size + l) / float(1001 * B::size); \
+    grove::simd::exp(B::load(in)).store(out); \
+    for (int l = 0; l < B::size; ++l) { \
+      const double exact = std::exp(double(in[l])); \
+      worst = std::max(worst, std::abs(out[l] - exact) / exact); \
+    } \
+  } \
+  CHECK(worst < 4e-7); \
+ \
+  for (int l = 0; l < B::size; ++l) in[l] = l % 2 ? 1000.0f : -1000.0f; \
+  grove::simd::exp(B::load(in)).store(out); \
+  for (int l = 0; l < B::size; ++l) { \
+    CHECK(std::isfinite(out[l])); \
+    if (l % 2 == 0) CHECK(out[l] < 1e-37f); \
+  } \
+  float total = 0; \
+  for (int l = 0; l < B::size; ++l) total += (in[l] = float(l + 1)); \
+  CHECK(grove::simd::reduce_add(B::load(in)) == total); \
+  grove::detail::normal_generator gen(17); \
+  std::vector<float> many(static_cast<std::size_t>(B::size * B::size)); \
+  for (float& v : many) v = static_cast<float>(gen.normal() * std::pow(2.0, 20 * gen.normal())); \
+  B batches[B::size]; \
+  for (int i = 0; i < B::size; ++i) batches[i] = B::load(many.data() + i * B::size); \
+  float sums[B::size]; \
+  B::reduce_lanes(batches, sums); \
+  for (int i = 0; i < B::size; ++i) { \
+    const float one = grove::simd::reduce_add(batches[i]); \
+    CHECK(std::memcmp(&sums[i], &one, sizeof(float)) == 0); \
+  } \
+} \
+  static_assert(true, "")
+
+namespace checks_scalar {
+FAST_CPU_SIMD_CHECKS(grove::simd::scalar);
+}
+#if GROVE_SIMD_X86
+GROVE_SIMD_SILENCE_BEGIN
+GROVE_SIMD_BEGIN_REGION(GROVE_SIMD_TARGET_AVX2)
+namespace checks_avx2 {
+FAST_CPU_SIMD_CHECKS(grove::simd::avx2);
+}
+GROVE_SIMD_END_REGION()
+GROVE_SIMD_BEGIN_REGION(GROVE_SIMD_TARGET_AVX512)
+namespace checks_avx512 {
+FAST_CPU_SIMD_CHECKS(grove::simd::avx512);
+}
+GROVE_SIMD_END_REGION()
+GROVE_SIMD_SILENCE_END
+#endif
+
+}  // namespace
+
+TEST_CASE("fast_cpu: SIMD bf16 rounding, widening, exp and lane sums on every level") {
+  const std::vector<float> values = probe_values();
+  // The scalar rule itself: round to nearest, ties to even, NaN stays NaN.
+  CHECK(grove::simd::float_to_bf16_bits(std::bit_cast<float>(0x3F808000u)) == 0x3F80);  // tie, even: down
+  CHECK(grove::simd::float_to_bf16_bits(std::bit_cast<float>(0x3F818000u)) == 0x3F82);  // tie, odd: up
+  CHECK(grove::simd::float_to_bf16_bits(std::bit_cast<float>(0x3F808001u)) == 0x3F81);  // above the tie
+  CHECK(std::isnan(grove::simd::bf16_bits_to_float(grove::simd::float_to_bf16_bits(std::nanf("")))));
+  CHECK(grove::to_float(grove::to_bf16(1.0f)) == 1.0f);
+  checks_scalar::check_bf16_rounding(values);
+  checks_scalar::check_exp_and_sum();
+#if GROVE_SIMD_X86
+  if (grove::simd::supported(isa::avx2)) {
+    checks_avx2::check_bf16_rounding(values);
+    checks_avx2::check_exp_and_sum();
+  }
+  if (grove::simd::supported(isa::avx512)) {
+    checks_avx512::check_bf16_rounding(values);
+    checks_avx512::check_exp_and_sum();
+  }
+#endif
+}
+
+TEST_CASE("fast_cpu: bf16_weights keeps every tensor in bf16 and routes with the widened router") {
+  const layer_dims d{24, 4, 2, 8, 4};
+  auto params = grove::layer_parameters<float>::random(d, 9, 0.5);
+  params.bias()[1] = 0.25f;
+  const grove::bf16_weights w = grove::bf16_weights::from(params.view());
+  CHECK(w.bytes() == sizeof(grove::bf16) * static_cast<std::size_t>(grove::total_parameters(d)) +
+                         sizeof(float) * static_cast<std::size_t>(d.experts * d.hidden + d.experts));
+  const auto fw = params.view();
+  const auto bw = w.view();
+  for (Index e = 0; e < d.experts; ++e)
+    for (Index i = 0; i < d.expert_intermediate; ++i)
+      for (Index c = 0; c < d.hidden; ++c)
+        CHECK(grove::to_float(bw.expert(e).gate(i, c)) == grove::to_float(grove::to_bf16(fw.expert(e).gate(i, c))));
+  for (Index j = 0; j < d.groups; ++j)
+    CHECK(grove::to_float(bw.adjugate(j).down(3, 1)) == grove::to_float(grove::to_bf16(fw.adjugate(j).down(3, 1))));
+  const auto rv = w.routing_view();
+  for (Index e = 0; e < d.experts; ++e)
+    for (Index c = 0; c < d.hidden; ++c) CHECK(rv.router()(e, c) == grove::to_float(bw.router()(e, c)));
+  REQUIRE(rv.bias() != nullptr);
+  CHECK(rv.bias()[1] == 0.25f);
+}
