@@ -245,33 +245,27 @@ constexpr int down_cols(int mr) {
 constexpr int max_tile_rows = 64;  // schedule_shape limits: the g/u scratch of a tile is on the stack
 constexpr int max_tile_cols = 64;
 
-/// h = silu(g) ⊙ u for one row of a tile (docs/math.md, step 4), silu(z) = z / (1 + e^{-z}).
-inline void swiglu_row(const float* g, const float* u, int n, float* h) {
+/// Stores a batch of h as the pass keeps it: fp32, or bf16 bits for the vdpbf16ps down product.
+inline void store_h(const fbatch& v, float* h) { v.store(h); }
+inline void store_h(const fbatch& v, std::uint16_t* h) { v.store_bf16(h); }
+inline void store_h_partial(const fbatch& v, float* h, int n) { v.store_partial(h, n); }
+inline void store_h_partial(const fbatch& v, std::uint16_t* h, int n) { v.store_bf16_partial(h, n); }
+
+/// h = silu(g) ⊙ u for one row of a tile (docs/math.md, step 4), silu(z) = z / (1 + e^{-z});
+/// H is float or std::uint16_t (bf16 bits).
+template <class H>
+void swiglu_row(const float* g, const float* u, int n, H* h) {
   const fbatch one = fbatch::broadcast(1.0f);
   int j = 0;
   for (; j + lanes <= n; j += lanes) {
     const fbatch gv = fbatch::load(g + j);
     const fbatch s = gv / (one + simd::exp(fbatch::zero() - gv));
-    (s * fbatch::load(u + j)).store(h + j);
+    store_h(s * fbatch::load(u + j), h + j);
   }
   if (j < n) {
     const fbatch gv = fbatch::load_partial(g + j, n - j);
     const fbatch s = gv / (one + simd::exp(fbatch::zero() - gv));
-    (s * fbatch::load_partial(u + j, n - j)).store_partial(h + j, n - j);
-  }
-}
-inline void swiglu_row(const float* g, const float* u, int n, std::uint16_t* h) {
-  const fbatch one = fbatch::broadcast(1.0f);
-  int j = 0;
-  for (; j + lanes <= n; j += lanes) {
-    const fbatch gv = fbatch::load(g + j);
-    const fbatch s = gv / (one + simd::exp(fbatch::zero() - gv));
-    (s * fbatch::load(u + j)).store_bf16(h + j);
-  }
-  if (j < n) {
-    const fbatch gv = fbatch::load_partial(g + j, n - j);
-    const fbatch s = gv / (one + simd::exp(fbatch::zero() - gv));
-    (s * fbatch::load_partial(u + j, n - j)).store_bf16_partial(h + j, n - j);
+    store_h_partial(s * fbatch::load_partial(u + j, n - j), h + j, n - j);
   }
 }
 
