@@ -10,9 +10,13 @@
 //   plain_moe/<fmt>/T:<T>/threads:<n>  (e) the same layer without adjugates
 //   naive/T:<T>                        (f) token by token, Eigen matrix-vector products
 //   simple/T:<T>                       cpu::forward_experts_simple (the former kernel)
+//   backward/fp32/T:<T>/threads:<n>    the fused backward (expert_engine::backward) from saved g, u
+//   backward_recompute/fp32/...        the same, recomputing g and u (no saved activations)
+//   simple_backward/T:<T>              cpu::backward_experts_simple (per-item Eigen, one thread)
 //
 // Counters: tokens_per_s, gflops (activated FLOPs per second), weight_gbps (bytes of the weights
-// the batch activates, per second). Random router weights route nearly uniformly: at T = 128
+// the batch activates, per second; for backward: the weights read once and their gradients read
+// and written once, 3× the forward's bytes, over the backward's 2× FLOPs). Random router weights route nearly uniformly: at T = 128
 // almost every expert is activated. Regenerate docs/performance.md with
 //   python3 scripts/bench_table.py --bench <build>/bench/bench_layer --out docs/performance.md
 // g++ 12 with -march=native (AVX-512) reports its own intrinsics' `__m512 __Y = __Y;` as
@@ -26,6 +30,7 @@
 
 #include <grove/grove.hpp>
 #include <grove/experts/bf16_weights.hpp>
+#include <grove/kernels/cpu/expert_backward.hpp>
 #include <grove/kernels/cpu/expert_engine.hpp>
 #include <grove/kernels/cpu/expert_forward.hpp>
 #include <grove/kernels/cpu/thread_pool.hpp>
@@ -237,6 +242,64 @@ void bm_experts(benchmark::State& state, format fmt, variant which, index T, int
   state.counters["gate_up_ms"] = eng.last_timings().gate_up * 1e3;
   state.counters["down_ms"] = eng.last_timings().down * 1e3;
   state.SetLabel(grove::simd::isa_name(eng.isa()));
+}
+
+/// Gradient buffers of the whole layer (2.4 GB; pages are touched only where a batch activates).
+grove::layer_parameters<float>& gradient_buffers() {
+  static grove::layer_parameters<float> grads(dims);
+  return grads;
+}
+
+/// A backward's cost: twice the forward's FLOPs (r = Dᵀdy, ∂D, ∂G and ∂U, dx), and the weights
+/// read once plus their gradients read and written once.
+plan_cost backward_cost(const grove::routing_plan<float>& plan) {
+  plan_cost c = cost_of(the_model().f32, plan);
+  c.flops *= 2;
+  c.bytes *= 3;
+  return c;
+}
+
+void bm_backward(benchmark::State& state, index T, int threads, bool keep_activations) {
+  model& m = the_model();
+  const grove::routing_plan<float>& plan = m.plans_f32.at(T).grove;
+  grove::cpu::expert_engine& eng = engine(threads);
+  const auto x = m.x.topRows(T);
+  // dy: any values; the rows of x will do.
+  const row_matrix<float> dy = m.x.bottomRows(T);
+  row_matrix<float> y(T, dims.hidden), dx = row_matrix<float>::Zero(T, dims.hidden), dw;
+  grove::cpu::saved_activations<float> saved;
+  if (keep_activations) eng.forward_saving(m.f32, plan, x, y, saved);
+  grove::weights_span<float> grads = gradient_buffers().span();
+  const process_cpu_timer cpu;
+  for (auto _ : state) {
+    eng.backward(m.f32, plan, x, dy, keep_activations ? &saved : nullptr, grads, dx, dw);
+    benchmark::DoNotOptimize(dx.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, T, backward_cost(plan), cpu);
+  state.counters["workspace_mb"] = double(eng.workspace_bytes()) * 1e-6;
+  state.counters["gate_up_ms"] = eng.last_timings().gate_up * 1e3;
+  state.counters["dh_ms"] = eng.last_timings().dh * 1e3;
+  state.counters["gradients_ms"] = eng.last_timings().gradients * 1e3;
+  state.SetLabel(grove::simd::isa_name(eng.isa()));
+}
+
+// The plain backward (per-item Eigen products, one thread), from saved activations.
+void bm_simple_backward(benchmark::State& state, index T) {
+  model& m = the_model();
+  const grove::routing_plan<float>& plan = m.plans_f32.at(T).grove;
+  const auto x = m.x.topRows(T);
+  const row_matrix<float> dy = m.x.bottomRows(T);
+  row_matrix<float> y(T, dims.hidden), dx = row_matrix<float>::Zero(T, dims.hidden), dw;
+  grove::cpu::saved_activations<float> saved;
+  grove::cpu::forward_experts_saving_simple<float>(m.f32, plan, x, y, saved);
+  grove::weights_span<float> grads = gradient_buffers().span();
+  const process_cpu_timer cpu;
+  for (auto _ : state) {
+    grove::cpu::backward_experts_simple<float>(m.f32, plan, x, dy, &saved, grads, dx, dw);
+    benchmark::DoNotOptimize(dx.data());
+  }
+  set_counters(state, T, backward_cost(plan), cpu);
 }
 
 void bm_route(benchmark::State& state, index T) {
@@ -463,6 +526,8 @@ void register_all() {
         add("plain_moe/" + f + tt, [=](benchmark::State& s) { bm_experts(s, fmt, variant::plain_moe, T, threads); });
       }
       add("dense_sgemm" + tt, [=](benchmark::State& s) { bm_dense_sgemm(s, T, threads); });
+      add("backward/fp32" + tt, [=](benchmark::State& s) { bm_backward(s, T, threads, true); });
+      add("backward_recompute/fp32" + tt, [=](benchmark::State& s) { bm_backward(s, T, threads, false); });
     }
   }
   for (index T : token_counts) {
@@ -470,6 +535,7 @@ void register_all() {
     add("route" + tt, [=](benchmark::State& s) { bm_route(s, T); });
     add("simple" + tt, [=](benchmark::State& s) { bm_simple(s, T); });
     add("naive" + tt, [=](benchmark::State& s) { bm_naive(s, T); });
+    add("simple_backward" + tt, [=](benchmark::State& s) { bm_simple_backward(s, T); });
   }
 }
 

@@ -12,6 +12,7 @@
 
 #include <grove/grove.hpp>
 #include <grove/experts/bf16_weights.hpp>
+#include <grove/kernels/cpu/expert_backward.hpp>
 #include <grove/kernels/cpu/expert_engine.hpp>
 #include <grove/kernels/cpu/expert_forward.hpp>
 #include <grove/simd/batch.hpp>
@@ -22,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -376,6 +378,243 @@ TEST_CASE("fast_cpu: errors name what is wrong") {
   CHECK_THROWS_AS(engine.set_shape({0, 32, 64}), grove::error);
   CHECK_THROWS_AS(engine.set_shape({16, 65, 64}), grove::error);
   CHECK_THROWS_WITH_AS(engine.set_shape({65, 32, 64}), doctest::Contains("gate_up_rows"), grove::error);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward (expert_engine::backward) against a reference written here: token by token from the
+// plan's per-token view, double precision, plain loops (docs/math.md, "Backward").
+// ---------------------------------------------------------------------------------------------
+namespace {
+
+struct reference_gradients {
+  grove::layer_parameters<double> weights;  // ∂L/∂W of the experts and adjugates (router untouched)
+  std::vector<double> dx;                   // [T*H]
+  std::vector<double> dw;                   // [T*k]
+};
+
+reference_gradients reference_backward(const grove::weights_view<float>& w, const grove::routing_plan<float>& plan,
+                                       const row_matrix<float>& x, const row_matrix<float>& dy) {
+  const layer_dims& d = w.dims();
+  const Index H = d.hidden, T = x.rows(), K = plan.top_k;
+  reference_gradients out{grove::layer_parameters<double>(d), std::vector<double>(static_cast<std::size_t>(T * H), 0.0),
+                          std::vector<double>(static_cast<std::size_t>(T * K), 0.0)};
+  const grove::weights_span<double> grads = out.weights.span();
+  // One MLP on token t with routing weight `weight`; returns ⟨dy_t, MLP(x_t)⟩.
+  auto run = [&](const grove::swiglu_weights<const float>& mlp, grove::swiglu_weights<double> g, Index t,
+                 double weight) {
+    const Index inter = mlp.gate.rows();
+    std::vector<double> gate(static_cast<std::size_t>(inter)), up(gate.size()), r(gate.size());
+    double dot = 0;
+    for (Index i = 0; i < inter; ++i) {
+      double a = 0, b = 0, c = 0;
+      for (Index col = 0; col < H; ++col) {
+        a += double(mlp.gate(i, col)) * x(t, col);
+        b += double(mlp.up(i, col)) * x(t, col);
+        c += double(mlp.down(col, i)) * dy(t, col);
+      }
+      gate[std::size_t(i)] = a;
+      up[std::size_t(i)] = b;
+      r[std::size_t(i)] = c;
+    }
+    for (Index i = 0; i < inter; ++i) {
+      const double z = gate[std::size_t(i)], u = up[std::size_t(i)];
+      const double sig = 1.0 / (1.0 + std::exp(-z)), s = z * sig, h = s * u;
+      dot += r[std::size_t(i)] * h;
+      const double dh = weight * r[std::size_t(i)];
+      const double dg = dh * u * sig * (1.0 + z * (1.0 - sig)), du = dh * s;
+      for (Index col = 0; col < H; ++col) {
+        g.down(col, i) += weight * dy(t, col) * h;
+        g.gate(i, col) += dg * x(t, col);
+        g.up(i, col) += du * x(t, col);
+        out.dx[std::size_t(t * H + col)] += dg * double(mlp.gate(i, col)) + du * double(mlp.up(i, col));
+      }
+    }
+    return dot;
+  };
+  for (Index t = 0; t < T; ++t) {
+    for (Index s = 0; s < K; ++s) {
+      const Index e = plan.topk_ids(t, s);
+      out.dw[std::size_t(t * K + s)] += run(w.expert(e), grads.expert(e), t, plan.topk_weights(t, s));
+    }
+    for (Index at = 0; at < plan.groups_per_token[std::size_t(t)]; ++at) {
+      const Index j = plan.token_groups(t, at);
+      const double dot = run(w.adjugate(j), grads.adjugate(j), t, plan.scale * plan.group_weights(t, at));
+      for (Index s = 0; s < K; ++s)
+        if (plan.topk_ids(t, s) / plan.group_size == j) out.dw[std::size_t(t * K + s)] += plan.scale * dot;
+    }
+  }
+  return out;
+}
+
+struct backward_result {
+  grove::layer_parameters<float> grads;
+  row_matrix<float> dx, dw;
+};
+
+/// engine.backward into buffers that start from `start_grads` and `start_dx` (backward adds).
+backward_result run_backward(grove::cpu::expert_engine& engine, const prepared& p, const row_matrix<float>& dy,
+                             const grove::cpu::saved_activations<float>* saved, const grove::layer_parameters<float>& start_grads,
+                             const row_matrix<float>& start_dx) {
+  backward_result r{start_grads, start_dx, {}};
+  engine.backward(p.params.view(), p.plan, p.x, dy, saved, r.grads.span(), r.dx, r.dw);
+  return r;
+}
+
+/// Largest |a - b| of each tensor (after subtracting `start` from a) over the tensor's largest
+/// |b|, with its name.
+std::pair<double, std::string> worst_tensor(const grove::layer_parameters<float>& a,
+                                            const grove::layer_parameters<float>& start,
+                                            const grove::layer_parameters<double>& b) {
+  std::pair<double, std::string> worst{0.0, ""};
+  std::size_t at = 0;
+  b.view().for_each_tensor([&](const grove::tensor_info& info, const double* const&) {
+    if (info.role == grove::tensor_role::selection_bias) return;
+    double scale = 1e-30, diff = 0;
+    for (Index i = 0; i < info.size(); ++i, ++at) {
+      scale = std::max(scale, std::abs(b.values()[at]));
+      diff = std::max(diff, std::abs(double(a.values()[at]) - double(start.values()[at]) - b.values()[at]));
+    }
+    if (diff / scale > worst.first) worst = {diff / scale, info.name};
+  });
+  return worst;
+}
+
+double worst_relative(const row_matrix<float>& a, const row_matrix<float>* start, const std::vector<double>& b) {
+  double scale = 1e-30, diff = 0;
+  for (std::size_t i = 0; i < b.size(); ++i) {
+    scale = std::max(scale, std::abs(b[i]));
+    diff = std::max(diff, std::abs(double(a.data()[i]) - (start ? double(start->data()[i]) : 0.0) - b[i]));
+  }
+  return diff / scale;
+}
+
+bool same_bits(std::span<const float> a, std::span<const float> b) {
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0);
+}
+
+}  // namespace
+
+TEST_CASE("fast_cpu: backward matches the reference on every shape and level, and adds to its buffers") {
+  std::uint64_t seed = 200;
+  for (const layer_case& c : cases) {
+    const prepared p = prepare(c, seed++);
+    row_matrix<float> dy(c.tokens, c.dims.hidden);
+    grove::detail::normal_generator gen(seed + 1000);
+    for (Index i = 0; i < dy.size(); ++i) dy.data()[i] = static_cast<float>(gen.normal());
+    const reference_gradients ref = reference_backward(p.params.view(), p.plan, p.x, dy);
+    // Gradients and dx start non-zero: backward adds to them.
+    const auto start_grads = grove::layer_parameters<float>::random(c.dims, seed + 2000, 0.5);
+    row_matrix<float> start_dx(c.tokens, c.dims.hidden);
+    for (Index i = 0; i < start_dx.size(); ++i) start_dx.data()[i] = static_cast<float>(gen.normal());
+    for (isa level : levels()) {
+      CAPTURE(c.name);
+      CAPTURE(grove::simd::isa_name(level));
+      auto engine = make_engine(level, 2);
+      const backward_result r = run_backward(engine, p, dy, nullptr, start_grads, start_dx);
+      const std::pair<double, std::string> tensor = worst_tensor(r.grads, start_grads, ref.weights);
+      const double worst = tensor.first;
+      const std::string name = tensor.second;
+      CAPTURE(name);
+      CHECK(worst < 2e-5);
+      CHECK(worst_relative(r.dx, &start_dx, ref.dx) < 2e-5);
+      CHECK(worst_relative(r.dw, nullptr, ref.dw) < 2e-5);
+      // The router and the bias are not touched here.
+      CHECK(std::memcmp(r.grads.view().router().data(), start_grads.view().router().data(),
+                        sizeof(float) * static_cast<std::size_t>(c.dims.experts * c.dims.hidden)) == 0);
+    }
+  }
+}
+
+TEST_CASE("fast_cpu: backward is bitwise identical for 1 to 4 threads, repeated runs, saved or recomputed g and u") {
+  const layer_case c{"determinism", {72, 8, 4, 40, 24}, 3, 90};
+  const prepared p = prepare(c, 8);
+  row_matrix<float> dy(c.tokens, c.dims.hidden);
+  grove::detail::normal_generator gen(81);
+  for (Index i = 0; i < dy.size(); ++i) dy.data()[i] = static_cast<float>(gen.normal());
+  const grove::layer_parameters<float> zero(c.dims);
+  const row_matrix<float> zero_dx = row_matrix<float>::Zero(c.tokens, c.dims.hidden);
+  for (isa level : levels()) {
+    CAPTURE(grove::simd::isa_name(level));
+    auto one = make_engine(level, 1);
+    const backward_result first = run_backward(one, p, dy, nullptr, zero, zero_dx);
+    // The saving forward gives the forward's y, and backward from what it saved the same bits.
+    grove::cpu::saved_activations<float> saved;
+    row_matrix<float> y_saving(c.tokens, c.dims.hidden), y(c.tokens, c.dims.hidden);
+    one.forward_saving(p.params.view(), p.plan, p.x, y_saving, saved);
+    one.forward(p.params.view(), p.plan, p.x, y);
+    CHECK(same_bits(y_saving, y));
+    CHECK(saved.bytes() == 2 * sizeof(float) *
+                               static_cast<std::size_t>(c.tokens * c.top_k * c.dims.expert_intermediate +
+                                                        p.plan.adjugate_evaluations() * c.dims.adjugate_intermediate));
+    for (int threads = 1; threads <= 4; ++threads) {
+      CAPTURE(threads);
+      auto engine = make_engine(level, threads);
+      for (int run = 0; run < 2; ++run) {
+        const backward_result r = run_backward(engine, p, dy, run == 0 ? nullptr : &saved, zero, zero_dx);
+        CHECK(same_bits(r.grads.values(), first.grads.values()));
+        CHECK(same_bits(r.dx, first.dx));
+        CHECK(same_bits(r.dw, first.dw));
+      }
+    }
+  }
+}
+
+TEST_CASE("fast_cpu: backward_experts is the engine for float and agrees with backward_experts_simple") {
+  const layer_case c{"integration", {48, 8, 4, 32, 16}, 2, 21};
+  const prepared p = prepare(c, 14);
+  row_matrix<float> dy(c.tokens, c.dims.hidden);
+  grove::detail::normal_generator gen(141);
+  for (Index i = 0; i < dy.size(); ++i) dy.data()[i] = static_cast<float>(gen.normal());
+  grove::layer_parameters<float> fast(c.dims), simple(c.dims), engine_grads(c.dims);
+  row_matrix<float> dx_fast = row_matrix<float>::Zero(c.tokens, c.dims.hidden), dx_simple = dx_fast,
+                    dx_engine = dx_fast, dw_fast, dw_simple, dw_engine;
+  grove::cpu::backward_experts<float>(p.params.view(), p.plan, p.x, dy, nullptr, fast.span(), dx_fast, dw_fast);
+  grove::cpu::backward_experts_simple<float>(p.params.view(), p.plan, p.x, dy, nullptr, simple.span(), dx_simple,
+                                             dw_simple);
+  grove::cpu::default_engine().backward(p.params.view(), p.plan, p.x, dy, nullptr, engine_grads.span(), dx_engine,
+                                        dw_engine);
+  CHECK(same_bits(fast.values(), engine_grads.values()));
+  CHECK(same_bits(dx_fast, dx_engine));
+  CHECK(same_bits(dw_fast, dw_engine));
+  double scale = 0, diff = 0;
+  for (std::size_t i = 0; i < fast.values().size(); ++i) {
+    scale = std::max(scale, double(std::abs(simple.values()[i])));
+    diff = std::max(diff, double(std::abs(fast.values()[i] - simple.values()[i])));
+  }
+  CHECK(diff <= 1e-5 * scale);
+  CHECK((dx_fast - dx_simple).cwiseAbs().maxCoeff() <= 1e-5f * dx_simple.cwiseAbs().maxCoeff());
+  CHECK((dw_fast - dw_simple).cwiseAbs().maxCoeff() <= 1e-5f * dw_simple.cwiseAbs().maxCoeff());
+}
+
+TEST_CASE("fast_cpu: backward reuses its workspace and refuses bad buffers") {
+  const layer_case c{"backward workspace", {64, 8, 4, 32, 16}, 2, 30};
+  const prepared p = prepare(c, 15);
+  const row_matrix<float> dy = row_matrix<float>::Ones(c.tokens, c.dims.hidden);
+  auto engine = make_engine(grove::simd::best_isa(), 2);
+  grove::layer_parameters<float> grads(c.dims);
+  row_matrix<float> dx = row_matrix<float>::Zero(c.tokens, c.dims.hidden), dw;
+  engine.backward(p.params.view(), p.plan, p.x, dy, nullptr, grads.span(), dx, dw);
+  const std::size_t allocations = engine.workspace_allocations();
+  for (int run = 0; run < 3; ++run) engine.backward(p.params.view(), p.plan, p.x, dy, nullptr, grads.span(), dx, dw);
+  CHECK(engine.workspace_allocations() == allocations);
+
+  // dx may not be x or dy (backward reads them while it writes dx).
+  row_matrix<float> x_and_dx = p.x;
+  CHECK_THROWS_WITH_AS(engine.backward(p.params.view(), p.plan, x_and_dx, dy, nullptr, grads.span(), x_and_dx, dw),
+                       doctest::Contains("shares memory"), grove::error);
+  row_matrix<float> wrong_dy(c.tokens, c.dims.hidden + 1);
+  CHECK_THROWS_WITH_AS(engine.backward(p.params.view(), p.plan, p.x, wrong_dy, nullptr, grads.span(), dx, dw),
+                       doctest::Contains("output gradient dy"), grove::error);
+  grove::layer_parameters<float> wrong_grads(layer_dims{64, 8, 4, 32, 8});
+  CHECK_THROWS_WITH_AS(engine.backward(p.params.view(), p.plan, p.x, dy, nullptr, wrong_grads.span(), dx, dw),
+                       doctest::Contains("gradient buffers"), grove::error);
+  // Activations saved for another batch are refused.
+  grove::cpu::saved_activations<float> saved;
+  const prepared other = prepare({"other", c.dims, 2, 31}, 16);
+  row_matrix<float> y(other.x.rows(), c.dims.hidden);
+  engine.forward_saving(other.params.view(), other.plan, other.x, y, saved);
+  CHECK_THROWS_WITH_AS(engine.backward(p.params.view(), p.plan, p.x, dy, &saved, grads.span(), dx, dw),
+                       doctest::Contains("saved activations"), grove::error);
 }
 
 // ---------------------------------------------------------------------------------------------

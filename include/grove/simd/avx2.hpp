@@ -102,6 +102,11 @@ GROVE_AVX2_INLINE avx2_batch operator-(avx2_batch a, avx2_batch b) { return {_mm
 GROVE_AVX2_INLINE avx2_batch operator*(avx2_batch a, avx2_batch b) { return {_mm256_mul_ps(a.value, b.value)}; }
 GROVE_AVX2_INLINE avx2_batch operator/(avx2_batch a, avx2_batch b) { return {_mm256_div_ps(a.value, b.value)}; }
 /// a·b + c, one rounding.
+/// Keeps a loaded value in a register: without it the compiler may fold the load into every
+/// instruction that uses the value (an FMA with a memory operand), so that a vector meant to
+/// be loaded once per iteration and reused by many FMAs is loaded by each of them, and the
+/// kernel becomes bound by loads instead of FMAs.
+GROVE_AVX2_INLINE void pin(avx2_batch& a) { __asm__("" : "+x"(a.value)); }
 GROVE_AVX2_INLINE avx2_batch fma(avx2_batch a, avx2_batch b, avx2_batch c) {
   return {_mm256_fmadd_ps(a.value, b.value, c.value)};
 }

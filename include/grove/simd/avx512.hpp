@@ -96,6 +96,11 @@ GROVE_AVX512_INLINE avx512_batch operator-(avx512_batch a, avx512_batch b) { ret
 GROVE_AVX512_INLINE avx512_batch operator*(avx512_batch a, avx512_batch b) { return {_mm512_mul_ps(a.value, b.value)}; }
 GROVE_AVX512_INLINE avx512_batch operator/(avx512_batch a, avx512_batch b) { return {_mm512_div_ps(a.value, b.value)}; }
 /// a·b + c, one rounding.
+/// Keeps a loaded value in a register: without it the compiler may fold the load into every
+/// instruction that uses the value (an FMA with a memory operand), so that a vector meant to
+/// be loaded once per iteration and reused by many FMAs is loaded by each of them, and the
+/// kernel becomes bound by loads instead of FMAs.
+GROVE_AVX512_INLINE void pin(avx512_batch& a) { __asm__("" : "+v"(a.value)); }
 GROVE_AVX512_INLINE avx512_batch fma(avx512_batch a, avx512_batch b, avx512_batch c) {
   return {_mm512_fmadd_ps(a.value, b.value, c.value)};
 }

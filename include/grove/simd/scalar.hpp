@@ -70,6 +70,8 @@ inline float fmadd(float a, float b, float c) {
   return a * b + c;  // no FMA instruction in the target: nothing to contract into
 #endif
 }
+/// Keeps a loaded value in a register (see the vector levels); nothing to do for scalars.
+inline void pin(scalar_batch&) {}
 inline scalar_batch fma(scalar_batch a, scalar_batch b, scalar_batch c) { return {fmadd(a.value, b.value, c.value)}; }
 inline float batch<float, scalar>::fmadd_scalar(float a, float b, float c) { return fmadd(a, b, c); }
 inline float reduce_add(scalar_batch a) { return a.value; }

@@ -8,6 +8,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -16,8 +17,11 @@
 #include "grove/experts/bf16_weights.hpp"
 #include "grove/experts/layer_weights.hpp"
 #include "grove/experts/tensor_types.hpp"
+#include "grove/kernels/cpu/backward_schedule.hpp"
 #include "grove/kernels/cpu/batch_shapes.hpp"
 #include "grove/kernels/cpu/expert_schedule.hpp"
+#include "grove/kernels/cpu/routing_weight_grads.hpp"
+#include "grove/kernels/cpu/saved_activations.hpp"
 #include "grove/kernels/cpu/thread_pool.hpp"
 #include "grove/router/routing_plan.hpp"
 #include "grove/simd/batch.hpp"
@@ -35,11 +39,36 @@ struct tile_pass {
   const A* x;  ///< staged activations [T, ldx]
   index ldx;
   index hidden;
-  Hs* h;  ///< item blocks [row_count, inter], at each item's h_offset
+  Hs* h;  ///< item blocks [row_count, inter], at each item's h_offset; null: not needed
   float* y;
   index ldy;
   index tokens;
   index down_cols;
+  float* gate_out = nullptr;  ///< when set, g and u are also stored there (layout of h)
+  float* up_out = nullptr;
+};
+
+/// What the backward tile kernels read and write (backward_tiles-inl.hpp); fp32 throughout.
+/// Buffers "in the layout of h" hold every item's [row_count, inter] block at its h_offset.
+struct backward_pass {
+  const cpu::expert_item<float>* items;
+  index item_count;
+  const cpu::item_gradients* grads;  ///< per item
+  const float* x;                    ///< staged activations [T, ldx]
+  index ldx;
+  const float* dy;
+  index lddy;
+  const float* gate;  ///< g, u (saved or recomputed), layout of h
+  const float* up;
+  float* hw;  ///< w·h, layout of h
+  float* dg;  ///< ∂L/∂g, layout of h
+  float* du;  ///< ∂L/∂u, layout of h
+  float* dots;  ///< partial ⟨r, h⟩, [row_total, dot_blocks]
+  index dot_blocks;
+  float* dx;
+  index lddx;
+  index dx_cols;
+  index hidden;
 };
 
 }  // namespace detail
@@ -50,6 +79,7 @@ GROVE_END_NAMESPACE
 #define GROVE_TILES_ARCH simd::scalar
 #define GROVE_TILES_BF16_DOT 0
 #include "grove/kernels/cpu/detail/expert_tiles-inl.hpp"
+#include "grove/kernels/cpu/detail/backward_tiles-inl.hpp"
 #undef GROVE_TILES_NS
 #undef GROVE_TILES_ARCH
 #undef GROVE_TILES_BF16_DOT
@@ -61,6 +91,7 @@ GROVE_SIMD_BEGIN_REGION(GROVE_SIMD_TARGET_AVX2)
 #define GROVE_TILES_ARCH simd::avx2
 #define GROVE_TILES_BF16_DOT 0
 #include "grove/kernels/cpu/detail/expert_tiles-inl.hpp"
+#include "grove/kernels/cpu/detail/backward_tiles-inl.hpp"
 #undef GROVE_TILES_NS
 #undef GROVE_TILES_ARCH
 #undef GROVE_TILES_BF16_DOT
@@ -71,6 +102,7 @@ GROVE_SIMD_BEGIN_REGION(GROVE_SIMD_TARGET_AVX512)
 #define GROVE_TILES_ARCH simd::avx512
 #define GROVE_TILES_BF16_DOT 0
 #include "grove/kernels/cpu/detail/expert_tiles-inl.hpp"
+#include "grove/kernels/cpu/detail/backward_tiles-inl.hpp"
 #undef GROVE_TILES_NS
 #undef GROVE_TILES_ARCH
 #undef GROVE_TILES_BF16_DOT
@@ -145,6 +177,55 @@ void stage_rows_for(simd::isa level, const float* x, index ldx_in, index hidden,
 #endif
 }
 
+// Run-time dispatch of the backward tiles (fp32 only; avx512_bf16 machines run the AVX-512 ones).
+inline void dh_tile_for(simd::isa level, const backward_pass& pass, const cpu::gate_up_tile& tile, float* packed) {
+#if GROVE_SIMD_X86
+  switch (level) {
+    case simd::isa::scalar: tiles_scalar::backward::dh_tile(pass, tile, packed); break;
+    case simd::isa::avx2: tiles_avx2::backward::dh_tile(pass, tile, packed); break;
+    default: tiles_avx512::backward::dh_tile(pass, tile, packed); break;
+  }
+#else
+  (void)level;
+  tiles_scalar::backward::dh_tile(pass, tile, packed);
+#endif
+}
+
+inline void gradient_tile_for(simd::isa level, const backward_pass& pass, const cpu::gradient_tile& tile) {
+#if GROVE_SIMD_X86
+  switch (level) {
+    case simd::isa::scalar: tiles_scalar::backward::gradient_tile(pass, tile); break;
+    case simd::isa::avx2: tiles_avx2::backward::gradient_tile(pass, tile); break;
+    default: tiles_avx512::backward::gradient_tile(pass, tile); break;
+  }
+#else
+  (void)level;
+  tiles_scalar::backward::gradient_tile(pass, tile);
+#endif
+}
+
+inline void dx_tile_for(simd::isa level, const backward_pass& pass, index tile, float* packed) {
+#if GROVE_SIMD_X86
+  switch (level) {
+    case simd::isa::scalar: tiles_scalar::backward::dx_tile(pass, tile, packed); break;
+    case simd::isa::avx2: tiles_avx2::backward::dx_tile(pass, tile, packed); break;
+    default: tiles_avx512::backward::dx_tile(pass, tile, packed); break;
+  }
+#else
+  (void)level;
+  tiles_scalar::backward::dx_tile(pass, tile, packed);
+#endif
+}
+
+/// True when the memory of two row blocks overlaps.
+inline bool blocks_overlap(const float* a, index a_rows, index a_stride, const float* b, index b_rows,
+                           index b_stride, index cols) {
+  if (a_rows == 0 || b_rows == 0 || cols == 0) return false;
+  const float* a_end = a + (a_rows - 1) * a_stride + cols;
+  const float* b_end = b + (b_rows - 1) * b_stride + cols;
+  return a < b_end && b < a_end;
+}
+
 /// Row stride (in elements) of a staging buffer: whole cache lines, and one line more when the
 /// row would be a multiple of 1 KiB (rows at power-of-two strides all map to the same L1 sets).
 inline index padded_stride(index hidden, index element_bytes) {
@@ -158,11 +239,13 @@ inline index padded_stride(index hidden, index element_bytes) {
 
 namespace cpu {
 
-/// Wall-clock seconds of the phases of one forward pass.
+/// Wall-clock seconds of the phases of the last pass (forward or backward).
 struct pass_timings {
-  double stage = 0;    ///< staging x (copy or bf16 rounding into the padded buffer)
-  double gate_up = 0;  ///< gate/up tiles (with SwiGLU)
-  double down = 0;     ///< down tiles (with the scatter-add)
+  double stage = 0;      ///< staging x (copy or bf16 rounding into the padded buffer)
+  double gate_up = 0;    ///< gate/up tiles (with SwiGLU; in backward: recomputing g and u)
+  double down = 0;       ///< down tiles (with the scatter-add)
+  double dh = 0;         ///< backward: dh tiles (Dᵀ dy and the SwiGLU backward)
+  double gradients = 0;  ///< backward: dx tiles and weight-gradient tiles
 };
 
 /// Settings of an expert_engine.
@@ -209,6 +292,44 @@ class expert_engine {
     run(weights, plan, x, y);
   }
 
+  /// forward() with fp32 weights that also keeps the SwiGLU pre-activations g and u for
+  /// backward (cpu::saved_activations, resized here). y is bit-identical to forward()'s.
+  void forward_saving(const weights_view<float>& weights, const routing_plan<float>& plan, const_rows_ref<float> x,
+                      rows_ref<float> y, saved_activations<float>& saved) {
+    const layer_dims& d = weights.dims();
+    detail::require_batch_shapes(d, plan, x.rows(), x.cols(), "input x");
+    detail::require_batch_shapes(d, plan, y.rows(), y.cols(), "output y");
+    std::lock_guard<std::mutex> lock(mutex_);
+    schedule_f32_.build(weights, plan, shape_);
+    saved.reset(d, plan);
+    run_pass<float, float, float>(schedule_f32_, x, y, x_f32_, h_f32_, saved.gate.data(), saved.up.data());
+  }
+
+  /// Backward of every routed expert and activated adjugate of the plan, fused like the forward
+  /// (docs/performance.md, "Backward"); the contract of cpu::backward_experts_simple:
+  /// the weight gradients are added to `grads`, the experts' share of ∂L/∂x is added to `dx`,
+  /// and `dw` [T, k] receives ∂L/∂w_s = ⟨dy, E_{e_s}(x)⟩ + λ ⟨dy, A_{e_s / group_size}(x)⟩.
+  /// With `saved` (from forward_saving with this plan) g and u are read from it, otherwise they
+  /// are recomputed by the forward's own gate/up tiles: both give the same bits. Results are
+  /// bitwise identical for every thread count. dx must not share memory with x or dy.
+  void backward(const weights_view<float>& weights, const routing_plan<float>& plan, const_rows_ref<float> x,
+                const_rows_ref<float> dy, const saved_activations<float>* saved, const weights_span<float>& grads,
+                rows_ref<float> dx, row_matrix<float>& dw) {
+    const layer_dims& d = weights.dims();
+    detail::require_batch_shapes(d, plan, x.rows(), x.cols(), "input x");
+    detail::require_batch_shapes(d, plan, dy.rows(), dy.cols(), "output gradient dy");
+    detail::require_batch_shapes(d, plan, dx.rows(), dx.cols(), "input gradient dx");
+    detail::require(grads.dims() == d, "grove: the gradient buffers have other dimensions than the layer");
+    detail::require_saved_matches(saved, plan, d);
+    detail::require(!detail::blocks_overlap(dx.data(), dx.rows(), dx.outerStride(), x.data(), x.rows(),
+                                            x.outerStride(), d.hidden) &&
+                        !detail::blocks_overlap(dx.data(), dx.rows(), dx.outerStride(), dy.data(), dy.rows(),
+                                                dy.outerStride(), d.hidden),
+                    "grove: backward's input gradient dx shares memory with x or dy; give it its own buffer");
+    std::lock_guard<std::mutex> lock(mutex_);
+    run_backward(weights, plan, x, dy, saved, grads, dx, dw);
+  }
+
   [[nodiscard]] int threads() const {
     std::lock_guard<std::mutex> lock(mutex_);
     return pool_->size();
@@ -243,7 +364,7 @@ class expert_engine {
     shape_ = shape;
   }
 
-  /// Wall-clock seconds of the phases of the last forward (for benchmarks and tuning).
+  /// Wall-clock seconds of the phases of the last pass (for benchmarks and tuning).
   [[nodiscard]] pass_timings last_timings() const {
     std::lock_guard<std::mutex> lock(mutex_);
     return timings_;
@@ -253,13 +374,15 @@ class expert_engine {
   [[nodiscard]] std::size_t workspace_bytes() const {
     std::lock_guard<std::mutex> lock(mutex_);
     return x_f32_.bytes() + x_bf16_.bytes() + h_f32_.bytes() + h_bf16_.bytes() + schedule_f32_.bytes() +
-           schedule_bf16_.bytes();
+           schedule_bf16_.bytes() + gate_.bytes() + up_.bytes() + dg_.bytes() + du_.bytes() + dots_.bytes() + pack_.bytes() +
+           backward_schedule_.bytes() + sizeof(float) * static_cast<std::size_t>(group_dots_.size());
   }
   /// Times the workspace had to grow (a steady stream of batches of one size adds nothing).
   [[nodiscard]] std::size_t workspace_allocations() const {
     std::lock_guard<std::mutex> lock(mutex_);
     return x_f32_.allocations() + x_bf16_.allocations() + h_f32_.allocations() + h_bf16_.allocations() +
-           schedule_f32_.allocations() + schedule_bf16_.allocations();
+           schedule_f32_.allocations() + schedule_bf16_.allocations() + gate_.allocations() + up_.allocations() +
+           dg_.allocations() + du_.allocations() + dots_.allocations() + pack_.allocations() + backward_schedule_.allocations();
   }
  private:
   template <class W>
@@ -281,39 +404,17 @@ class expert_engine {
     }
   }
 
-  template <class A, class Wbits, class Hs, class W>
-  void run_pass(const expert_schedule<W>& schedule, const_rows_ref<float> x, rows_ref<float> y,
-                detail::growing_buffer<A>& x_stage, detail::growing_buffer<Hs>& h_buffer) {
-    using clock = std::chrono::steady_clock;
-    const auto start = clock::now();
-    timings_ = {};
-    const index T = schedule.tokens(), H = schedule.hidden();
-    if (T == 0) return;
-    const index ldx = detail::padded_stride(H, static_cast<index>(sizeof(A)));
+  /// Stages x [T, H] into the padded buffer (bf16 for vdpbf16ps); rows split over the threads
+  /// when the batch is large.
+  template <class A>
+  A* stage(const_rows_ref<float> x, detail::growing_buffer<A>& x_stage, index& ldx) {
+    const index T = x.rows(), H = x.cols();
+    ldx = detail::padded_stride(H, static_cast<index>(sizeof(A)));
     A* staged = x_stage.get(static_cast<std::size_t>(T * ldx));
-    Hs* h = h_buffer.get(static_cast<std::size_t>(std::max<index>(schedule.h_elements(), 1)));
-
-    static_assert(std::is_same_v<weight_bits_t<W>, Wbits>);
-    detail::tile_pass<A, Wbits, Hs> pass{schedule.items().data(),
-                                         static_cast<index>(schedule.items().size()),
-                                         staged,
-                                         ldx,
-                                         H,
-                                         h,
-                                         y.data(),
-                                         y.outerStride(),
-                                         T,
-                                         schedule.shape().down_cols};
     const simd::isa level = isa_;
     const float* x_data = x.data();
     const index x_stride = x.outerStride();
-    const std::span<const gate_up_tile> tiles = schedule.gate_up_tiles();
-    const index down_tiles = schedule.down_tiles();
     const int threads = pool_->size();
-    std::atomic<index> next{0};
-
-    // Staging x (rows split evenly; on the calling thread alone when small), then gate/up tiles
-    // (taken from a shared counter), then down tiles. Each region ends when all its work is done.
     if (T * H < (index(1) << 16) || threads == 1) {
       detail::stage_rows_for(level, x_data, x_stride, H, 0, T, staged, ldx);
     } else {
@@ -323,36 +424,182 @@ class expert_engine {
       };
       pool_->run(stage_region);
     }
-    // A thread claims its next tile before running the current one, so that the current tile
-    // can prefetch the next one's first weights (claims stay dynamic: no thread idles while
-    // tiles remain unclaimed).
-    const auto tile_count = static_cast<index>(tiles.size());
-    auto gate_up_tiles = [&](int) {
+    return staged;
+  }
+
+  /// Runs `count` tiles on every thread, each taken from a shared counter; fn(thread, tile,
+  /// following) gets the tile the same thread will run next (or -1), so that it can prefetch
+  /// its weights.
+  template <class Fn>
+  void run_tiles(index count, const Fn& fn) {
+    if (count == 0) return;
+    std::atomic<index> next{0};
+    auto region = [&](int thread) {
       index current = next.fetch_add(1, std::memory_order_relaxed);
-      while (current < tile_count) {
+      while (current < count) {
         const index following = next.fetch_add(1, std::memory_order_relaxed);
-        detail::gate_up_tile_for(level, pass, tiles[static_cast<std::size_t>(current)],
-                                 following < tile_count ? &tiles[static_cast<std::size_t>(following)] : nullptr);
+        fn(thread, current, following < count ? following : index(-1));
         current = following;
       }
     };
+    pool_->run(region);
+  }
+
+  template <class A, class Wbits, class Hs>
+  void run_gate_up(const detail::tile_pass<A, Wbits, Hs>& pass, std::span<const gate_up_tile> tiles) {
+    const simd::isa level = isa_;
+    run_tiles(static_cast<index>(tiles.size()), [&](int, index current, index following) {
+      detail::gate_up_tile_for(level, pass, tiles[static_cast<std::size_t>(current)],
+                               following >= 0 ? &tiles[static_cast<std::size_t>(following)] : nullptr);
+    });
+  }
+
+  template <class A, class Wbits, class Hs, class W>
+  void run_pass(const expert_schedule<W>& schedule, const_rows_ref<float> x, rows_ref<float> y,
+                detail::growing_buffer<A>& x_stage, detail::growing_buffer<Hs>& h_buffer, float* gate_out = nullptr,
+                float* up_out = nullptr) {
+    using clock = std::chrono::steady_clock;
+    const auto start = clock::now();
+    timings_ = {};
+    const index T = schedule.tokens(), H = schedule.hidden();
+    if (T == 0) return;
+    index ldx = 0;
+    const A* staged = stage<A>(x, x_stage, ldx);
+    Hs* h = h_buffer.get(static_cast<std::size_t>(std::max<index>(schedule.h_elements(), 1)));
+
+    static_assert(std::is_same_v<weight_bits_t<W>, Wbits>);
+    const detail::tile_pass<A, Wbits, Hs> pass{schedule.items().data(),
+                                               static_cast<index>(schedule.items().size()),
+                                               staged,
+                                               ldx,
+                                               H,
+                                               h,
+                                               y.data(),
+                                               y.outerStride(),
+                                               T,
+                                               schedule.shape().down_cols,
+                                               gate_out,
+                                               up_out};
+    const simd::isa level = isa_;
+    // Gate/up tiles, then down tiles (each region ends when all its work is done). A thread
+    // claims its next tile before running the current one, so that the current tile can
+    // prefetch the next one's first weights (claims stay dynamic: no thread idles while tiles
+    // remain unclaimed).
     const auto staged_at = clock::now();
-    pool_->run(gate_up_tiles);
+    run_gate_up(pass, schedule.gate_up_tiles());
     const auto gate_up_at = clock::now();
-    next.store(0, std::memory_order_relaxed);
-    auto down_region = [&](int) {
-      index current = next.fetch_add(1, std::memory_order_relaxed);
-      while (current < down_tiles) {
-        const index following = next.fetch_add(1, std::memory_order_relaxed);
-        detail::down_tile_for(level, pass, current, following < down_tiles ? following : index(-1));
-        current = following;
-      }
-    };
-    pool_->run(down_region);
+    run_tiles(schedule.down_tiles(),
+              [&](int, index current, index following) { detail::down_tile_for(level, pass, current, following); });
     const auto done_at = clock::now();
     timings_.stage = std::chrono::duration<double>(staged_at - start).count();
     timings_.gate_up = std::chrono::duration<double>(gate_up_at - staged_at).count();
     timings_.down = std::chrono::duration<double>(done_at - gate_up_at).count();
+  }
+
+  void run_backward(const weights_view<float>& weights, const routing_plan<float>& plan, const_rows_ref<float> x,
+                    const_rows_ref<float> dy, const saved_activations<float>* saved, const weights_span<float>& grads,
+                    rows_ref<float> dx, row_matrix<float>& dw) {
+    using clock = std::chrono::steady_clock;
+    const auto start = clock::now();
+    timings_ = {};
+    dw.setZero(plan.tokens, plan.top_k);
+    if (plan.tokens == 0) return;
+    schedule_f32_.build(weights, plan, shape_);
+    backward_schedule_.build(schedule_f32_, grads);
+    const expert_schedule<float>& schedule = schedule_f32_;
+    const backward_schedule& tiles = backward_schedule_;
+    const index T = plan.tokens, H = weights.dims().hidden;
+    const auto h_size = static_cast<std::size_t>(std::max<index>(schedule.h_elements(), 1));
+    index ldx = 0;
+    const float* staged = stage<float>(x, x_f32_, ldx);
+    const auto staged_at = clock::now();
+
+    // g and u: the caller's saved ones, or recomputed by the forward's gate/up tiles.
+    const float* gate = nullptr;
+    const float* up = nullptr;
+    if (saved != nullptr) {
+      gate = saved->gate.data();
+      up = saved->up.data();
+    } else {
+      float* g = gate_.get(h_size);
+      float* u = up_.get(h_size);
+      const detail::tile_pass<float, float, float> pass{schedule.items().data(),
+                                                        static_cast<index>(schedule.items().size()),
+                                                        staged,
+                                                        ldx,
+                                                        H,
+                                                        nullptr,
+                                                        nullptr,
+                                                        0,
+                                                        T,
+                                                        schedule.shape().down_cols,
+                                                        g,
+                                                        u};
+      run_gate_up(pass, schedule.gate_up_tiles());
+      gate = g;
+      up = u;
+    }
+    const auto recomputed_at = clock::now();
+
+    const index dot_blocks = tiles.dot_blocks();
+    const detail::backward_pass pass{schedule.items().data(),
+                                     static_cast<index>(schedule.items().size()),
+                                     tiles.gradients().data(),
+                                     staged,
+                                     ldx,
+                                     dy.data(),
+                                     dy.outerStride(),
+                                     gate,
+                                     up,
+                                     h_f32_.get(h_size),
+                                     dg_.get(h_size),
+                                     du_.get(h_size),
+                                     dots_.get(static_cast<std::size_t>(std::max<index>(schedule.row_total(), 1) *
+                                                                        dot_blocks)),
+                                     dot_blocks,
+                                     dx.data(),
+                                     dx.outerStride(),
+                                     backward_schedule::dx_cols,
+                                     H};
+    const simd::isa level = isa_;
+    const std::span<const gate_up_tile> dh_tiles = tiles.dh_tiles();
+    // Each thread packs the weight panel of its dh and dx tiles into its own part of pack_.
+    const index pack_per_thread = backward_schedule::pack_floats;
+    float* pack = pack_.get(static_cast<std::size_t>(pack_per_thread * pool_->size()));
+    run_tiles(static_cast<index>(dh_tiles.size()), [&](int thread, index current, index) {
+      detail::dh_tile_for(level, pass, dh_tiles[static_cast<std::size_t>(current)], pack + thread * pack_per_thread);
+    });
+    const auto dh_at = clock::now();
+
+    // ⟨dy, E(x)⟩ of every row: its partial sums over column blocks, in block order.
+    group_dots_.setZero(T, plan.max_groups());
+    for (const auto& item : schedule.items()) {
+      const index blocks = (item.inter + backward_schedule::block_cols - 1) / backward_schedule::block_cols;
+      for (index r = 0; r < item.row_count; ++r) {
+        const float* partial = pass.dots + (item.first_row + r) * dot_blocks;
+        float dot = partial[0];
+        for (index b = 1; b < blocks; ++b) dot += partial[b];
+        const auto& row = item.rows[r];
+        (item.adjugate ? group_dots_ : dw)(row.token, row.slot) = dot;
+      }
+    }
+    detail::add_adjugate_dots(plan, group_dots_, dw);
+
+    // dx tiles (one column block of dx each, all items in order) and weight-gradient tiles,
+    // from one counter: the fewer, larger dx tiles first.
+    const index dx_tiles = tiles.dx_tiles();
+    const std::span<const gradient_tile> gradient_tiles = tiles.gradient_tiles();
+    run_tiles(dx_tiles + static_cast<index>(gradient_tiles.size()), [&](int thread, index current, index) {
+      if (current < dx_tiles)
+        detail::dx_tile_for(level, pass, current, pack + thread * pack_per_thread);
+      else
+        detail::gradient_tile_for(level, pass, gradient_tiles[static_cast<std::size_t>(current - dx_tiles)]);
+    });
+    const auto done_at = clock::now();
+    timings_.stage = std::chrono::duration<double>(staged_at - start).count();
+    timings_.gate_up = std::chrono::duration<double>(recomputed_at - staged_at).count();
+    timings_.dh = std::chrono::duration<double>(dh_at - recomputed_at).count();
+    timings_.gradients = std::chrono::duration<double>(done_at - dh_at).count();
   }
 
   mutable std::mutex mutex_;
@@ -364,6 +611,10 @@ class expert_engine {
   expert_schedule<bf16> schedule_bf16_;
   detail::growing_buffer<float> x_f32_, h_f32_;
   detail::growing_buffer<std::uint16_t> x_bf16_, h_bf16_;
+  // Backward's workspace: g and u when recomputed, dg and du, partial dots (w·h lives in h_f32_).
+  backward_schedule backward_schedule_;
+  detail::growing_buffer<float> gate_, up_, dg_, du_, dots_, pack_;
+  row_matrix<float> group_dots_;
 };
 
 /// The engine grove::cpu::forward_experts uses: hardware_concurrency() threads, the best

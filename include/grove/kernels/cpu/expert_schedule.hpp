@@ -51,6 +51,7 @@ struct expert_item {
   const dispatch_row<float>* rows = nullptr;
   index row_count = 0;
   index h_offset = 0;  ///< where this item's [row_count, inter] block of h starts in the workspace
+  index first_row = 0; ///< the plan's row number of its first row (expert rows, then adjugate rows)
   std::int32_t id = 0;
   bool adjugate = false;
 };
@@ -86,6 +87,7 @@ class expert_schedule {
     items_.clear();
     tiles_.clear();
     h_elements_ = 0;
+    row_total_ = 0;
     max_rows_ = 0;
     auto add = [&](const swiglu_weights<const W>& mlp, std::span<const dispatch_row<float>> rows, index id,
                    bool adjugate) {
@@ -98,6 +100,8 @@ class expert_schedule {
       item.rows = rows.data();
       item.row_count = static_cast<index>(rows.size());
       item.h_offset = h_elements_;
+      item.first_row = row_total_;
+      row_total_ += item.row_count;
       item.id = static_cast<std::int32_t>(id);
       item.adjugate = adjugate;
       h_elements_ += item.row_count * item.inter;
@@ -126,6 +130,8 @@ class expert_schedule {
   /// Elements of h (the SwiGLU outputs of every row of every item).
   [[nodiscard]] index h_elements() const { return h_elements_; }
   [[nodiscard]] index max_item_rows() const { return max_rows_; }
+  /// Rows of every item together (the plan's expert rows and adjugate rows).
+  [[nodiscard]] index row_total() const { return row_total_; }
   /// Bytes of the schedule's own storage (its capacity).
   [[nodiscard]] std::size_t bytes() const {
     return items_.capacity() * sizeof(item_type) + tiles_.capacity() * sizeof(gate_up_tile);
@@ -140,6 +146,7 @@ class expert_schedule {
   index hidden_ = 0;
   index tokens_ = 0;
   index h_elements_ = 0;
+  index row_total_ = 0;
   index max_rows_ = 0;
   std::size_t allocations_ = 0;
 };

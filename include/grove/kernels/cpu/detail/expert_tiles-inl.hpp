@@ -358,8 +358,17 @@ void gate_up_panels(const Pass& pass, const cpu::expert_item<typename P::w_type>
       wu[c] = nu[c];
     }
   }
-  for (int r = 0; r < rows; ++r)
-    swiglu_row(g[r], u[r], width, pass.h + item.h_offset + (tile.row_begin + r) * item.inter + tile.col_begin);
+  const index at = item.h_offset + tile.row_begin * item.inter + tile.col_begin;
+  if (pass.gate_out != nullptr) {
+    // Training: keep the pre-activations, in the layout of h.
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < width; ++c) {
+        pass.gate_out[at + r * item.inter + c] = g[r][c];
+        pass.up_out[at + r * item.inter + c] = u[r][c];
+      }
+  }
+  if (pass.h != nullptr)
+    for (int r = 0; r < rows; ++r) swiglu_row(g[r], u[r], width, pass.h + at + r * item.inter);
 }
 
 /// One gate/up tile (rows ≤ max_tile_rows, columns ≤ max_tile_cols); `following` (or null) is

@@ -1,0 +1,84 @@
+#pragma once
+
+#include <cstddef>
+#include <vector>
+
+#include "grove/config/layer_dims.hpp"
+#include "grove/error.hpp"
+#include "grove/experts/tensor_types.hpp"
+#include "grove/router/routing_plan.hpp"
+
+GROVE_BEGIN_NAMESPACE
+namespace cpu {
+
+/// What a training forward keeps for backward: the SwiGLU pre-activations `g = G x` and
+/// `u = U x` of every row the plan dispatched. Rows are in the plan's order, routed experts'
+/// rows first (plan.expert_rows, I values each), then adjugates' rows (plan.adjugate_rows, Ia
+/// values each), so an item's rows form one contiguous [n, inter] block: the layout of the
+/// fast engine's h workspace. Everything else backward needs (`silu(g)`, `h`) is an elementwise
+/// function of these, recomputed with the same expressions, so keeping and recomputing give
+/// bit-identical gradients (docs/training.md, "Saved activations or recomputation").
+///
+/// Memory: `2·(T·k·I + Σ n_g·Ia)` scalars, against a recomputation of the gate/up products.
+template <class Scalar>
+struct saved_activations {
+  std::vector<Scalar> gate;  ///< g of every dispatched row
+  std::vector<Scalar> up;    ///< u of every dispatched row
+  index expert_intermediate = 0;
+  index adjugate_intermediate = 0;
+  /// The plan's dispatch offsets when these were saved: backward refuses another plan.
+  std::vector<index> expert_offsets;
+  std::vector<index> adjugate_offsets;
+
+  /// Sizes the buffers for `plan` on a layer of dims `d` (reusing their storage).
+  void reset(const layer_dims& d, const routing_plan<Scalar>& plan) {
+    expert_intermediate = d.expert_intermediate;
+    adjugate_intermediate = d.adjugate_intermediate;
+    expert_offsets = plan.expert_offsets;
+    adjugate_offsets = plan.adjugate_offsets;
+    const std::size_t n = elements();
+    gate.resize(n);
+    up.resize(n);
+  }
+  /// Scalars per buffer: every expert row with I, every adjugate row with Ia.
+  [[nodiscard]] std::size_t elements() const {
+    if (expert_offsets.empty()) return 0;
+    return static_cast<std::size_t>(expert_offsets.back() * expert_intermediate +
+                                    (adjugate_offsets.empty() ? 0 : adjugate_offsets.back()) * adjugate_intermediate);
+  }
+  /// Where the block of routed expert e's rows starts (its rows × I).
+  [[nodiscard]] std::size_t expert_start(index e) const {
+    return static_cast<std::size_t>(expert_offsets[static_cast<std::size_t>(e)] * expert_intermediate);
+  }
+  /// Where the block of adjugate j's rows starts (its rows × Ia).
+  [[nodiscard]] std::size_t adjugate_start(index j) const {
+    return static_cast<std::size_t>(expert_offsets.back() * expert_intermediate +
+                                    adjugate_offsets[static_cast<std::size_t>(j)] * adjugate_intermediate);
+  }
+
+  [[nodiscard]] bool empty() const { return expert_offsets.empty(); }
+  /// True when these activations were saved for a plan with this dispatch on a layer of dims d.
+  [[nodiscard]] bool matches(const routing_plan<Scalar>& plan, const layer_dims& d) const {
+    return expert_offsets == plan.expert_offsets && adjugate_offsets == plan.adjugate_offsets &&
+           expert_intermediate == d.expert_intermediate && adjugate_intermediate == d.adjugate_intermediate &&
+           gate.size() == elements() && up.size() == elements();
+  }
+  [[nodiscard]] std::size_t bytes() const { return sizeof(Scalar) * (gate.size() + up.size()); }
+};
+
+}  // namespace cpu
+GROVE_END_NAMESPACE
+
+GROVE_BEGIN_NAMESPACE
+namespace detail {
+
+/// The check backward makes of the activations it is given (nullptr: none, recompute).
+template <class Scalar>
+void require_saved_matches(const cpu::saved_activations<Scalar>* saved, const routing_plan<Scalar>& plan,
+                           const layer_dims& d) {
+  require(saved == nullptr || saved->matches(plan, d),
+          "grove: the saved activations were kept for another routing plan (or layer) than the one given to backward");
+}
+
+}  // namespace detail
+GROVE_END_NAMESPACE
