@@ -584,6 +584,11 @@ TEST_CASE("fast_cpu: backward_experts is the engine for float and agrees with ba
   CHECK(diff <= 1e-5 * scale);
   CHECK((dx_fast - dx_simple).cwiseAbs().maxCoeff() <= 1e-5f * dx_simple.cwiseAbs().maxCoeff());
   CHECK((dw_fast - dw_simple).cwiseAbs().maxCoeff() <= 1e-5f * dw_simple.cwiseAbs().maxCoeff());
+  // Both backwards make the same input checks: the plain one refuses a dx that is x too.
+  row_matrix<float> x_and_dx = p.x;
+  CHECK_THROWS_WITH_AS(grove::cpu::backward_experts_simple<float>(p.params.view(), p.plan, x_and_dx, dy, nullptr,
+                                                                  simple.span(), x_and_dx, dw_simple),
+                       doctest::Contains("shares memory"), grove::error);
 }
 
 TEST_CASE("fast_cpu: backward reuses its workspace and refuses bad buffers") {

@@ -31,7 +31,8 @@ struct item_gradients {
 /// The tiles of the fused backward over an expert_schedule's items (docs/performance.md,
 /// "Backward"): the same items in the same order as the forward (routed experts and adjugates
 /// alike), in three kinds of tiles:
-///   - dh tiles (item, ≤ dh_rows rows, ≤ dh_cols intermediate columns): r = Dᵀ dy and the
+///   - dh tiles (item, ≤ dh_rows rows, ≤ dh_cols intermediate columns, run in blocks of
+///     block_cols): r = Dᵀ dy and the
 ///     SwiGLU backward into dg, du and w·h;
 ///   - dx tiles (≤ dx_cols columns of dx, every item in order): dx += dg G + du U;
 ///   - gradient tiles (item, rows of ∂D or of ∂G and ∂U): the weight gradients.
@@ -81,8 +82,6 @@ class backward_schedule {
   [[nodiscard]] std::span<const gradient_tile> gradient_tiles() const { return gradient_tiles_; }
   [[nodiscard]] std::span<const item_gradients> gradients() const { return grads_; }
   [[nodiscard]] index dx_tiles() const { return grads_.empty() ? 0 : (hidden_ + dx_cols - 1) / dx_cols; }
-  /// The largest intermediate size of the items (I, or Ia when only adjugates run).
-  [[nodiscard]] index max_intermediate() const { return max_inter_; }
   /// Partial sums of ⟨r, h⟩ kept per row: one per block of 64 columns of the widest item.
   [[nodiscard]] index dot_blocks() const { return (max_inter_ + block_cols - 1) / block_cols; }
   [[nodiscard]] std::size_t bytes() const {

@@ -11,6 +11,7 @@
 #include "grove/experts/layer_weights.hpp"
 #include "grove/experts/swiglu.hpp"
 #include "grove/experts/tensor_types.hpp"
+#include "grove/kernels/cpu/backward_inputs.hpp"
 #include "grove/kernels/cpu/batch_shapes.hpp"
 #include "grove/kernels/cpu/expert_engine.hpp"
 #include "grove/kernels/cpu/routing_weight_grads.hpp"
@@ -77,11 +78,7 @@ void backward_experts_simple(const std::type_identity_t<weights_view<Scalar>>& w
                              const std::type_identity_t<weights_span<Scalar>>& grads,
                              std::type_identity_t<rows_ref<Scalar>> dx, row_matrix<Scalar>& dw) {
   const layer_dims& d = weights.dims();
-  detail::require_batch_shapes(d, plan, x.rows(), x.cols(), "input x");
-  detail::require_batch_shapes(d, plan, dy.rows(), dy.cols(), "output gradient dy");
-  detail::require_batch_shapes(d, plan, dx.rows(), dx.cols(), "input gradient dx");
-  detail::require(grads.dims() == d, "grove: the gradient buffers have other dimensions than the layer");
-  detail::require_saved_matches(saved, plan, d);
+  detail::require_backward_inputs<Scalar>(d, plan, x, dy, dx, grads.dims(), saved);
 
   dw.setZero(plan.tokens, plan.top_k);
   row_matrix<Scalar> group_dots = row_matrix<Scalar>::Zero(plan.tokens, plan.max_groups());

@@ -17,6 +17,7 @@
 #include "grove/experts/bf16_weights.hpp"
 #include "grove/experts/layer_weights.hpp"
 #include "grove/experts/tensor_types.hpp"
+#include "grove/kernels/cpu/backward_inputs.hpp"
 #include "grove/kernels/cpu/backward_schedule.hpp"
 #include "grove/kernels/cpu/batch_shapes.hpp"
 #include "grove/kernels/cpu/expert_schedule.hpp"
@@ -217,15 +218,6 @@ inline void dx_tile_for(simd::isa level, const backward_pass& pass, index tile, 
 #endif
 }
 
-/// True when the memory of two row blocks overlaps.
-inline bool blocks_overlap(const float* a, index a_rows, index a_stride, const float* b, index b_rows,
-                           index b_stride, index cols) {
-  if (a_rows == 0 || b_rows == 0 || cols == 0) return false;
-  const float* a_end = a + (a_rows - 1) * a_stride + cols;
-  const float* b_end = b + (b_rows - 1) * b_stride + cols;
-  return a < b_end && b < a_end;
-}
-
 /// Row stride (in elements) of a staging buffer: whole cache lines, and one line more when the
 /// row would be a multiple of 1 KiB (rows at power-of-two strides all map to the same L1 sets).
 inline index padded_stride(index hidden, index element_bytes) {
@@ -315,17 +307,7 @@ class expert_engine {
   void backward(const weights_view<float>& weights, const routing_plan<float>& plan, const_rows_ref<float> x,
                 const_rows_ref<float> dy, const saved_activations<float>* saved, const weights_span<float>& grads,
                 rows_ref<float> dx, row_matrix<float>& dw) {
-    const layer_dims& d = weights.dims();
-    detail::require_batch_shapes(d, plan, x.rows(), x.cols(), "input x");
-    detail::require_batch_shapes(d, plan, dy.rows(), dy.cols(), "output gradient dy");
-    detail::require_batch_shapes(d, plan, dx.rows(), dx.cols(), "input gradient dx");
-    detail::require(grads.dims() == d, "grove: the gradient buffers have other dimensions than the layer");
-    detail::require_saved_matches(saved, plan, d);
-    detail::require(!detail::blocks_overlap(dx.data(), dx.rows(), dx.outerStride(), x.data(), x.rows(),
-                                            x.outerStride(), d.hidden) &&
-                        !detail::blocks_overlap(dx.data(), dx.rows(), dx.outerStride(), dy.data(), dy.rows(),
-                                                dy.outerStride(), d.hidden),
-                    "grove: backward's input gradient dx shares memory with x or dy; give it its own buffer");
+    detail::require_backward_inputs<float>(weights.dims(), plan, x, dy, dx, grads.dims(), saved);
     std::lock_guard<std::mutex> lock(mutex_);
     run_backward(weights, plan, x, dy, saved, grads, dx, dw);
   }

@@ -4,7 +4,6 @@
 #include <vector>
 
 #include "grove/config/layer_dims.hpp"
-#include "grove/error.hpp"
 #include "grove/experts/tensor_types.hpp"
 #include "grove/router/routing_plan.hpp"
 
@@ -67,18 +66,4 @@ struct saved_activations {
 };
 
 }  // namespace cpu
-GROVE_END_NAMESPACE
-
-GROVE_BEGIN_NAMESPACE
-namespace detail {
-
-/// The check backward makes of the activations it is given (nullptr: none, recompute).
-template <class Scalar>
-void require_saved_matches(const cpu::saved_activations<Scalar>* saved, const routing_plan<Scalar>& plan,
-                           const layer_dims& d) {
-  require(saved == nullptr || saved->matches(plan, d),
-          "grove: the saved activations were kept for another routing plan (or layer) than the one given to backward");
-}
-
-}  // namespace detail
 GROVE_END_NAMESPACE

@@ -277,8 +277,9 @@ void outer_accumulate_rows(const outer_rows& s, float* c, float* c2, index ldc, 
   }
 }
 
-/// The dh tile (item, rows [row_begin, row_end) ≤ 32, columns [col_begin, col_end) ≤ block of
-/// backward_pass::dh_cols): r = D_eᵀ dy for the tile, then, elementwise with the
+/// One block of a dh tile (item, rows [row_begin, row_end) ≤ 32, columns [col_begin, col_end),
+/// at most backward_schedule::block_cols of them): r = D_eᵀ dy for the block, then, elementwise
+/// with the
 /// pre-activations g, u (docs/math.md, "Backward"):
 ///   h = silu(g)·u, partial ⟨r, h⟩ of the block (summed over blocks later, in order),
 ///   dh = w·r, dg = dh·u·silu'(g), du = dh·silu(g), and w·h (for ∂D).
