@@ -1,7 +1,7 @@
 // CPU benchmarks of the Grove layer at GroveMoE-Inst's shape (H = 2048, E = 128, k = 8, I = 768,
 // G = 64, Ia = 128, λ = 0.05), with the baselines the targets in docs/performance.md refer to.
 //
-//   grove/<fmt>/T:<T>/threads:<n>      the fused expert pass (cpu::expert_engine) on a routed plan
+//   grove/<fmt>/T:<T>/threads:<n>      the fused expert pass (grove::cpu_runner) on a routed plan
 //   route/T:<T>                        routing (grove::route) of the same batch, for the layer total
 //   dense_sgemm/T:<T>/threads:<n>      (a) Eigen sgemm of the same FLOPs: X[T,H] · W[N,H]ᵀ
 //   read_sweep/<fmt>/T:<T>/threads:<n> (b) a read of exactly the weight bytes the forward needs
@@ -10,7 +10,7 @@
 //   plain_moe/<fmt>/T:<T>/threads:<n>  (e) the same layer without adjugates
 //   naive/T:<T>                        (f) token by token, Eigen matrix-vector products
 //   simple/T:<T>                       cpu::forward_experts_simple (the former kernel)
-//   backward/fp32/T:<T>/threads:<n>    the fused backward (expert_engine::backward) from saved g, u
+//   backward/fp32/T:<T>/threads:<n>    the fused backward (cpu_runner::backward) from saved g, u
 //   backward_recompute/fp32/...        the same, recomputing g and u (no saved activations)
 //   simple_backward/T:<T>              cpu::backward_experts_simple (per-item Eigen, one thread)
 //
@@ -29,9 +29,9 @@
 #include <benchmark/benchmark.h>
 
 #include <grove/grove.hpp>
-#include <grove/experts/bf16_weights.hpp>
+#include <grove/weights/bf16_weights.hpp>
 #include <grove/kernels/cpu/expert_backward.hpp>
-#include <grove/kernels/cpu/expert_engine.hpp>
+#include <grove/runners/cpu_runner.hpp>
 #include <grove/kernels/cpu/expert_forward.hpp>
 #include <grove/kernels/cpu/thread_pool.hpp>
 #include <grove/simd/batch.hpp>
@@ -146,21 +146,21 @@ model& the_model() {
   return m;
 }
 
-grove::cpu::expert_engine& engine(int threads) {
-  static std::map<int, std::unique_ptr<grove::cpu::expert_engine>> engines;
+grove::cpu_runner& engine(int threads) {
+  static std::map<int, std::unique_ptr<grove::cpu_runner>> engines;
   auto& e = engines[threads];
   if (!e) {
-    grove::cpu::engine_options options;
+    grove::cpu_runner_options options;
     options.threads = threads;
-    e = std::make_unique<grove::cpu::expert_engine>(options);
+    e = std::make_unique<grove::cpu_runner>(options);
   }
   return *e;
 }
 
-grove::cpu::thread_pool& pool(int threads) {
-  static std::map<int, std::unique_ptr<grove::cpu::thread_pool>> pools;
+grove::detail::thread_pool& pool(int threads) {
+  static std::map<int, std::unique_ptr<grove::detail::thread_pool>> pools;
   auto& p = pools[threads];
-  if (!p) p = std::make_unique<grove::cpu::thread_pool>(threads);
+  if (!p) p = std::make_unique<grove::detail::thread_pool>(threads);
   return *p;
 }
 
@@ -224,7 +224,7 @@ void bm_experts(benchmark::State& state, format fmt, variant which, index T, int
   const batch_plans& plans = fmt == format::fp32 ? m.plans_f32.at(T) : m.plans_bf16.at(T);
   const grove::routing_plan<float>& plan =
       which == variant::grove ? plans.grove : which == variant::per_pick ? plans.per_pick : plans.plain_moe;
-  grove::cpu::expert_engine& eng = engine(threads);
+  grove::cpu_runner& eng = engine(threads);
   row_matrix<float> y(T, dims.hidden);
   const auto x = m.x.topRows(T);
   const process_cpu_timer cpu;
@@ -262,12 +262,12 @@ plan_cost backward_cost(const grove::routing_plan<float>& plan) {
 void bm_backward(benchmark::State& state, index T, int threads, bool keep_activations) {
   model& m = the_model();
   const grove::routing_plan<float>& plan = m.plans_f32.at(T).grove;
-  grove::cpu::expert_engine& eng = engine(threads);
+  grove::cpu_runner& eng = engine(threads);
   const auto x = m.x.topRows(T);
   // dy: any values; the rows of x will do.
   const row_matrix<float> dy = m.x.bottomRows(T);
   row_matrix<float> y(T, dims.hidden), dx = row_matrix<float>::Zero(T, dims.hidden), dw;
-  grove::cpu::saved_activations<float> saved;
+  grove::saved_activations<float> saved;
   if (keep_activations) eng.forward_saving(m.f32, plan, x, y, saved);
   grove::weights_span<float> grads = gradient_buffers().span();
   const process_cpu_timer cpu;
@@ -291,7 +291,7 @@ void bm_simple_backward(benchmark::State& state, index T) {
   const auto x = m.x.topRows(T);
   const row_matrix<float> dy = m.x.bottomRows(T);
   row_matrix<float> y(T, dims.hidden), dx = row_matrix<float>::Zero(T, dims.hidden), dw;
-  grove::cpu::saved_activations<float> saved;
+  grove::saved_activations<float> saved;
   grove::cpu::forward_experts_saving_simple<float>(m.f32, plan, x, y, saved);
   grove::weights_span<float> grads = gradient_buffers().span();
   const process_cpu_timer cpu;
@@ -370,7 +370,7 @@ void bm_dense_sgemm(benchmark::State& state, index T, int threads) {
   }
   row_matrix<float> out(T, N);
   const auto x = m.x.topRows(T);
-  grove::cpu::thread_pool& p = pool(threads);
+  grove::detail::thread_pool& p = pool(threads);
   auto region = [&](int i) {
     const index n0 = N * i / threads, n1 = N * (i + 1) / threads;
     out.middleCols(n0, n1 - n0).noalias() = x * w.middleRows(n0, n1 - n0).transpose();
@@ -428,7 +428,7 @@ void bm_read_sweep(benchmark::State& state, format fmt, index T, int threads) {
   std::size_t total = 0;
   for (const auto& w : words) total += w.second;
   std::vector<float> sums(static_cast<std::size_t>(threads));
-  grove::cpu::thread_pool& p = pool(threads);
+  grove::detail::thread_pool& p = pool(threads);
   auto region = [&](int i) {
     const std::size_t begin = total * static_cast<std::size_t>(i) / static_cast<std::size_t>(threads);
     const std::size_t end = total * static_cast<std::size_t>(i + 1) / static_cast<std::size_t>(threads);
@@ -497,7 +497,7 @@ void bm_fma_peak(benchmark::State& state, int threads) {
     return;
   }
   std::vector<float> sink(static_cast<std::size_t>(threads));
-  grove::cpu::thread_pool& p = pool(threads);
+  grove::detail::thread_pool& p = pool(threads);
   auto region = [&](int i) { sink[static_cast<std::size_t>(i)] = loop(iterations); };
   const process_cpu_timer cpu;
   for (auto _ : state) {

@@ -3,12 +3,12 @@
 # Each dependency is looked up with find_package first (the Debian packages, a vcpkg or conda
 # prefix, a CMAKE_PREFIX_PATH). When that fails and GROVE_FETCH_DEPENDENCIES is ON, the missing
 # header-only library is downloaded at a fixed release with FetchContent and exposed under the
-# same target name its own package would give (Eigen3::Eigen, xsimd, ...), so the rest of the
+# same target name its own package would give (Eigen3::Eigen, nlohmann_json::nlohmann_json, ...), so the rest of the
 # build cannot tell the difference. Only the sources are fetched: none of the upstream CMake runs
 # (Eigen's alone configures hundreds of tests), which keeps a fetched build quick and quiet.
 #
 # Fetched dependencies are for building; an installed grove still expects its consumers to find
-# Eigen3 and xsimd (and nlohmann_json for grove::io) with find_package, as its groveConfig.cmake
+# Eigen3 (and nlohmann_json for grove::io) with find_package, as its groveConfig.cmake
 # asks for them. docs/install.md explains.
 
 include_guard(GLOBAL)
@@ -18,8 +18,6 @@ include(FetchContent)
 # Cache variables, so a mirror or another release can be given on the command line.
 set(GROVE_EIGEN_GIT_REPOSITORY "https://gitlab.com/libeigen/eigen.git" CACHE STRING "Eigen repository fetched when find_package(Eigen3) fails")
 set(GROVE_EIGEN_GIT_TAG "3.4.0" CACHE STRING "Eigen release fetched when find_package(Eigen3) fails")
-set(GROVE_XSIMD_GIT_REPOSITORY "https://github.com/xtensor-stack/xsimd.git" CACHE STRING "xsimd repository fetched when find_package(xsimd) fails")
-set(GROVE_XSIMD_GIT_TAG "8.1.0" CACHE STRING "xsimd release fetched when find_package(xsimd) fails")
 set(GROVE_JSON_GIT_REPOSITORY "https://github.com/nlohmann/json.git" CACHE STRING "nlohmann/json repository fetched when find_package(nlohmann_json) fails")
 set(GROVE_JSON_GIT_TAG "v3.11.2" CACHE STRING "nlohmann/json release fetched when find_package(nlohmann_json) fails")
 set(GROVE_DOCTEST_GIT_REPOSITORY "https://github.com/doctest/doctest.git" CACHE STRING "doctest repository fetched when find_package(doctest) fails")
@@ -28,7 +26,7 @@ set(GROVE_CLI11_GIT_REPOSITORY "https://github.com/CLIUtils/CLI11.git" CACHE STR
 set(GROVE_CLI11_GIT_TAG "v2.1.2" CACHE STRING "CLI11 release fetched when find_package(CLI11) fails")
 set(GROVE_BENCHMARK_GIT_REPOSITORY "${GROVE_BENCHMARK_GIT_REPOSITORY}" CACHE STRING "Google Benchmark repository fetched when find_package(benchmark) fails")
 set(GROVE_BENCHMARK_GIT_TAG "v1.7.1" CACHE STRING "Google Benchmark release fetched when find_package(benchmark) fails")
-mark_as_advanced(GROVE_EIGEN_GIT_REPOSITORY GROVE_EIGEN_GIT_TAG GROVE_XSIMD_GIT_REPOSITORY GROVE_XSIMD_GIT_TAG
+mark_as_advanced(GROVE_EIGEN_GIT_REPOSITORY GROVE_EIGEN_GIT_TAG
                  GROVE_JSON_GIT_REPOSITORY GROVE_JSON_GIT_TAG GROVE_DOCTEST_GIT_REPOSITORY GROVE_DOCTEST_GIT_TAG
                  GROVE_CLI11_GIT_REPOSITORY GROVE_CLI11_GIT_TAG GROVE_BENCHMARK_GIT_REPOSITORY GROVE_BENCHMARK_GIT_TAG)
 
@@ -70,40 +68,15 @@ function(grove_fetch_headers name target repository tag include_subdir)
   set_property(GLOBAL APPEND PROPERTY GROVE_FETCHED_PACKAGES "${name}")
 endfunction()
 
-# The core: Eigen 3.4 and xsimd 8 (grove uses xsimd's 8.x API; xsimd's version file accepts only
-# the same major version). A target that already exists (a parent project provided it) is used.
+# The core: Eigen 3.4. A target that already exists (a parent project provided it) is used.
+# (grove's SIMD layer, include/grove/simd/, follows xsimd's design without using xsimd: see
+# docs/install.md, "Why not xsimd".)
 macro(grove_find_core_dependencies)
   if(NOT TARGET Eigen3::Eigen)
     find_package(Eigen3 3.4 CONFIG QUIET)
     if(NOT Eigen3_FOUND)
       grove_fetch_headers(Eigen3 Eigen3::Eigen "${GROVE_EIGEN_GIT_REPOSITORY}" "${GROVE_EIGEN_GIT_TAG}" ".")
     endif()
-  endif()
-  if(NOT TARGET xsimd)
-    find_package(xsimd 8 CONFIG QUIET)
-    if(NOT xsimd_FOUND)
-      grove_fetch_headers(xsimd xsimd "${GROVE_XSIMD_GIT_REPOSITORY}" "${GROVE_XSIMD_GIT_TAG}" "include")
-    endif()
-  endif()
-  grove_drop_missing_xtl()
-endmacro()
-
-# Debian 12's xsimd package links its target to `xtl` without depending on libxtl-dev, so every
-# program that links xsimd fails with "cannot find -lxtl". xsimd needs xtl only for its optional
-# xtl::xcomplex support, which grove does not use: when no xtl is found the link is dropped.
-# groveConfig.cmake.in does the same for consumers of an installed grove.
-macro(grove_drop_missing_xtl)
-  if(TARGET xsimd AND NOT TARGET xtl)
-    get_target_property(_grove_xsimd_links xsimd INTERFACE_LINK_LIBRARIES)
-    if(_grove_xsimd_links AND "xtl" IN_LIST _grove_xsimd_links)
-      find_package(xtl CONFIG QUIET)
-      if(NOT TARGET xtl)
-        list(REMOVE_ITEM _grove_xsimd_links xtl)
-        set_target_properties(xsimd PROPERTIES INTERFACE_LINK_LIBRARIES "${_grove_xsimd_links}")
-        message(STATUS "grove: xsimd's package links xtl, which is not installed; dropped that link (unused by grove)")
-      endif()
-    endif()
-    unset(_grove_xsimd_links)
   endif()
 endmacro()
 

@@ -182,7 +182,7 @@ def render(data):
     out("")
 
     # ---- main table ----
-    out("### Fused expert pass (`cpu::expert_engine`)")
+    out("### Fused expert pass (`grove::cpu_runner`)")
     out("")
     out("Wall-clock time per batch (ms), tokens/s, GFLOP/s on activated FLOPs, GB/s of the weight bytes the "
         "batch activates (each read once); `core share`: process CPU time over wall time × threads (below 100% the "
@@ -207,7 +207,7 @@ def render(data):
     out("")
 
     # ---- backward ----
-    out("### Fused backward (`cpu::expert_engine::backward`)")
+    out("### Fused backward (`cpu_runner::backward`)")
     out("")
     out("fp32 weights. `saved`: g and u kept by the training forward (`forward_saving`); `recompute`: backward "
         "recomputes them with the forward's gate/up tiles. GFLOP/s on the backward's FLOPs (twice the forward's: "
@@ -363,11 +363,13 @@ def render(data):
     return "\n".join(lines) + "\n"
 
 
-def write_page(path, section):
-    text = open(path).read() if os.path.exists(path) else "# CPU performance\n\n" + BEGIN + "\n" + END + "\n"
-    if BEGIN in text and END in text:
-        pre, rest = text.split(BEGIN, 1)
-        _, post = rest.split(END, 1)
+def write_page(path, section, begin=BEGIN, end=END):
+    """Replaces the part of the page between the markers `begin` and `end` (which `section` holds
+    too) with `section`, or appends it when the page has no such part."""
+    text = open(path).read() if os.path.exists(path) else "# CPU performance\n\n" + begin + "\n" + end + "\n"
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        _, post = rest.split(end, 1)
         text = pre + section.rstrip("\n") + post
     else:
         text = text.rstrip("\n") + "\n\n" + section

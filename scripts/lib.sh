@@ -33,7 +33,7 @@ grove_is_installed() {
 # The packages a build needs: `core` (the library and its examples) or `all` (tests and
 # benchmarks too). Either make or ninja will do; make is what gets installed when neither is.
 grove_packages() {
-  local packages=(cmake libeigen3-dev libxsimd-dev nlohmann-json3-dev libcli11-dev)
+  local packages=(cmake libeigen3-dev nlohmann-json3-dev libcli11-dev)
   # shellcheck disable=SC2207
   packages+=($(grove_compiler_packages))
   if [[ "${1:-all}" == all ]]; then

@@ -10,7 +10,7 @@
 #   GROVE_BUILD_TYPE         CMake build type (default Release at -O2; with sanitizers Debug at -O1)
 #   GROVE_SANITIZE           e.g. address,undefined
 #   GROVE_WERROR             ON: warnings are errors
-#   GROVE_BUILD_BENCHMARKS, GROVE_CONSUMER_TESTS, GROVE_HEADER_CHECK   ON (default) or OFF
+#   GROVE_BUILD_BENCHMARKS, GROVE_CONSUMER_TESTS, GROVE_HEADER_CHECK, GROVE_TSAN_TEST   ON (default) or OFF
 #   GROVE_CUDA, GROVE_NATIVE, GROVE_FETCH_DEPENDENCIES  passed on to CMake when set
 #   (the options are described in docs/install.md)
 #   GROVE_JOBS               parallel build and test jobs (default 2)
@@ -28,11 +28,13 @@ sanitize="${GROVE_SANITIZE:-}"
 args=(
   -DGROVE_BUILD_TESTS=ON
   -DGROVE_BUILD_EXAMPLES=ON
+  -DGROVE_BUILD_TOOLS=ON
   "-DGROVE_WERROR=${GROVE_WERROR:-OFF}"
   "-DGROVE_SANITIZE=$sanitize"
   "-DGROVE_BUILD_BENCHMARKS=${GROVE_BUILD_BENCHMARKS:-ON}"
   "-DGROVE_CONSUMER_TESTS=${GROVE_CONSUMER_TESTS:-ON}"
   "-DGROVE_HEADER_CHECK=${GROVE_HEADER_CHECK:-ON}"
+  "-DGROVE_TSAN_TEST=${GROVE_TSAN_TEST:-ON}"
 )
 if [[ -n "$sanitize" ]]; then
   # Sanitized code at -O1: fast enough to run, still close to what the optimizer does.

@@ -2,6 +2,8 @@
 // an independent scalar reference of the Grove layer written in this file (docs/cli.md).
 #include <doctest/doctest.h>
 
+#include "support/test_support.hpp"
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -18,6 +20,7 @@
 #include <sys/wait.h>
 
 #include <grove/io.hpp>
+#include <grove/simd/arch.hpp>
 
 #ifndef GROVE_CLI_PATH
 #error "tests/test_cli.cpp needs the compile definition GROVE_CLI_PATH=\"<path of the grove binary>\""
@@ -27,26 +30,8 @@ namespace {
 
 namespace fs = std::filesystem;
 namespace io = grove::io;
+using grove_test::temp_dir;
 
-class temp_dir {
- public:
-  temp_dir() {
-    static std::atomic<int> counter{0};
-    const auto stamp = std::chrono::steady_clock::now().time_since_epoch().count();
-    path_ = fs::temp_directory_path() / ("grove-test-cli-" + std::to_string(stamp) + "-" + std::to_string(counter++));
-    fs::create_directories(path_);
-  }
-  ~temp_dir() {
-    std::error_code ignored;
-    fs::remove_all(path_, ignored);
-  }
-  temp_dir(const temp_dir&) = delete;
-  temp_dir& operator=(const temp_dir&) = delete;
-  [[nodiscard]] std::string operator/(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
-};
 
 std::string slurp(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -333,6 +318,48 @@ TEST_CASE("cli: run on a single F32 file with a selection bias matches the refer
   CHECK(lower_first);
 }
 
+TEST_CASE("cli: run --threads and --isa choose the CPU runner; every choice matches the reference") {
+  temp_dir dir;
+  const ref_layer L = make_layer(13, /*with_bias=*/true, /*coarse=*/false);
+  io::safetensors_writer w;
+  add_layer_tensors(w, L, "model.layers.0.mlp", io::dtype::f32);
+  w.write(dir / "w.safetensors");
+  const auto x = make_input(14, tokens, L.H);
+  write_input(dir / "in.safetensors", x, tokens, L.H, io::dtype::f32);
+  auto run = [&](const std::string& extra) {
+    return grove_cli(dir, "run --weights '" + dir / "w.safetensors" + "' --prefix model.layers.0.mlp --input '" +
+                              dir / "in.safetensors" + "' --output '" + dir / "out.safetensors" +
+                              "' --top-k 5 --scale 0.1 " + extra);
+  };
+  for (const std::string& extra : {std::string("--threads 1 --isa scalar"), std::string("--threads 3"),
+                                   std::string("--isa ") + grove::simd::isa_name(grove::simd::best_isa())}) {
+    INFO(extra);
+    const auto r = run(extra);
+    INFO(r.err);
+    REQUIRE(r.code == 0);
+    check_output(dir / "out.safetensors", L, x, tokens, 5, 0.1);
+    fs::remove(dir / "out.safetensors");
+  }
+  // Usage errors (exit 2): an unknown level, a thread count below 1.
+  for (const std::string& extra : {std::string("--isa sse4"), std::string("--threads 0")}) {
+    INFO(extra);
+    const auto r = run(extra);
+    CHECK(r.code == 2);
+    CHECK(r.err.rfind("grove: ", 0) == 0);
+    CHECK(!fs::exists(dir / "out.safetensors"));
+  }
+  // A level this CPU cannot run: a clear error (exit 1), no output.
+  for (int level = 0; level < grove::simd::isa_count; ++level) {
+    const auto isa = static_cast<grove::simd::isa>(level);
+    if (grove::simd::supported(isa)) continue;
+    const auto r = run(std::string("--isa ") + grove::simd::isa_name(isa));
+    INFO(r.err);
+    CHECK(r.code == 1);
+    CHECK(contains(r.err, "does not support it"));
+    CHECK(!fs::exists(dir / "out.safetensors"));
+  }
+}
+
 TEST_CASE("cli: run on a sharded checkpoint, F16 input, config.json and overrides") {
   temp_dir dir;
   const ref_layer L0 = make_layer(21, true, false);
@@ -454,6 +481,69 @@ TEST_CASE("cli: run on BF16 weights and BF16 input with the default k and lambda
   INFO(r.err);
   REQUIRE(r.code == 0);
   check_output(dir / "out.safetensors", L, x, tokens, 8, 0.05);
+}
+
+TEST_CASE("cli: run --dtype bf16 keeps the weights in BF16, routes in fp32, and matches the reference") {
+  temp_dir dir;
+  const ref_layer L = make_layer(33, true, /*coarse=*/true);  // BF16-exact weights: both dtypes hold the same values
+  io::safetensors_writer w;
+  add_layer_tensors(w, L, "blocks.2.moe", io::dtype::f32);
+  w.write(dir / "w.safetensors");
+  const auto x = make_input(34, tokens, L.H);
+  write_input(dir / "in.safetensors", x, tokens, L.H, io::dtype::f32);
+  auto run = [&](const std::string& out, const std::string& extra) {
+    return grove_cli(dir, "run --weights '" + dir / "w.safetensors" + "' --prefix blocks.2.moe --input '" +
+                              dir / "in.safetensors" + "' --output '" + dir / out + "' --top-k 5 --scale 0.1 " + extra);
+  };
+  const auto f32 = run("f32.safetensors", "--dtype f32");
+  INFO(f32.err);
+  REQUIRE(f32.code == 0);
+  const auto b16 = run("bf16.safetensors", "--dtype bf16");
+  INFO(b16.err);
+  REQUIRE(b16.code == 0);
+  check_output(dir / "f32.safetensors", L, x, tokens, 5, 0.1);
+
+  // Routing is fp32 and the router the same values: logits, picks and weights are the same bits.
+  const io::safetensors_reader a(dir / "f32.safetensors"), b(dir / "bf16.safetensors");
+  CHECK(a.read<float>("router_logits").values == b.read<float>("router_logits").values);
+  CHECK(a.read<std::int32_t>("topk_ids").values == b.read<std::int32_t>("topk_ids").values);
+  CHECK(a.read<float>("topk_weights").values == b.read<float>("topk_weights").values);
+  // y: the reference within bf16 activation rounding (the kernels may round x and h to bf16).
+  const ref_output ref = reference(L, x, tokens, 5, 0.1);
+  const auto y = b.read<float>("y").values;
+  REQUIRE(y.size() == ref.y.size());
+  double scale = 0, worst = 0;
+  for (std::size_t i = 0; i < y.size(); ++i) {
+    scale = std::max(scale, std::fabs(ref.y[i]));
+    worst = std::max(worst, std::fabs(double(y[i]) - ref.y[i]));
+  }
+  CHECK(scale > 0);
+  CHECK(worst <= 0.03 * scale);
+
+  // --backward needs fp32 weights; an unknown dtype is a usage error.
+  for (const std::string& extra : {std::string("--dtype bf16 --backward"), std::string("--dtype f16")}) {
+    INFO(extra);
+    const auto r = run("never.safetensors", extra);
+    CHECK(r.code == 2);
+    CHECK(r.err.rfind("grove: ", 0) == 0);
+    CHECK(!fs::exists(dir / "never.safetensors"));
+  }
+}
+
+TEST_CASE("cli: info prints the memory of the weights in each format") {
+  temp_dir dir;
+  const ref_layer L = make_layer(35, true, false);
+  io::safetensors_writer w;
+  add_layer_tensors(w, L, "m", io::dtype::f32);
+  w.write(dir / "w.safetensors");
+  const auto r = grove_cli(dir, "info --weights '" + dir / "w.safetensors" + "' --prefix m");
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  // Written out from the sizes here: f32 holds every parameter and the bias in 4 bytes; bf16
+  // holds the parameters in 2 bytes plus the fp32 router copy (E·H) and the fp32 bias (E).
+  const long params = static_cast<long>(L.E) * L.H + 3L * L.E * L.H * L.I + 3L * L.G * L.H * L.Ia;
+  CHECK(contains(r.out, "f32  = " + std::to_string(4 * (params + L.E)) + " bytes"));
+  CHECK(contains(r.out, "bf16 = " + std::to_string(2 * params + 4L * (static_cast<long>(L.E) * L.H + L.E)) + " bytes"));
 }
 
 TEST_CASE("cli: errors give a message and a non-zero exit, never a crash") {

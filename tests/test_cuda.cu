@@ -1,5 +1,5 @@
 // Tests of the CUDA backend (docs/cuda.md) against the CPU path: grove::route, grove::layer,
-// grove::cpu::forward_experts, and for backward a plain double-precision reference written
+// the CPU runner (grove::cpu_runner), and for backward a plain double-precision reference written
 // here (plus grove::gradients when the training helpers are present).
 //
 // Without a GPU (cudaGetDeviceCount reports none) the device cases are skipped with a message;
@@ -178,11 +178,13 @@ grove::routing_plan<float> plan_from_logits(const grove::weights_view<float>& w,
   grove::detail::collect_token_groups(plan);
   grove::detail::counting_sort<float>(
       plan.tokens, plan.top_k, plan.experts, nullptr, [&](index t, index s) { return plan.topk_ids(t, s); },
-      [&](index t, index s) { return plan.topk_weights(t, s); }, plan.expert_offsets, plan.expert_rows);
+      [&](index t, index s) { return plan.topk_weights(t, s); }, plan.expert_offsets, plan.expert_rows,
+      plan.scratch.cursor);
   const auto lambda = static_cast<float>(scale);
   grove::detail::counting_sort<float>(
       plan.tokens, 0, plan.groups, &plan.groups_per_token, [&](index t, index s) { return plan.token_groups(t, s); },
-      [&](index t, index s) { return lambda * plan.group_weights(t, s); }, plan.adjugate_offsets, plan.adjugate_rows);
+      [&](index t, index s) { return lambda * plan.group_weights(t, s); }, plan.adjugate_offsets, plan.adjugate_rows,
+      plan.scratch.cursor);
   return plan;
 }
 
@@ -483,8 +485,8 @@ void check_forward(const test_case& c, gc::adjugate_mode mode, gc::combine_mode 
   // ...and grove's CPU experts for the default mode (once per pick gives the same y).
   if (mode != gc::adjugate_mode::none) {
     row_matrix<float> y_cpu(c.tokens, c.dims.hidden);
-    grove::cpu::forward_experts(w, plan, run.x, y_cpu);
-    check_close(flat(y_dev), flat(y_cpu), tol, "y against grove::cpu::forward_experts");
+    grove::default_runner()->forward(w, plan, run.x, y_cpu);
+    check_close(flat(y_dev), flat(y_cpu), tol, "y against the CPU runner");
   }
   if (combine == gc::combine_mode::deterministic) {
     gc::device_buffer<T> again(y.size());

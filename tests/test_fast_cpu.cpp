@@ -1,4 +1,4 @@
-// Fast CPU expert pass (grove/kernels/cpu/expert_engine.hpp, grove/simd/): every instruction-set
+// Fast CPU expert pass (grove::cpu_runner: grove/runners/cpu_runner.hpp, grove/kernels/cpu/, grove/simd/): every instruction-set
 // level and weight format against a plain scalar reference written here, bitwise determinism
 // across thread counts, runs and tile shapes, the schedule, the workspace, the SIMD helpers.
 // g++ 12 with -march=native (AVX-512) reports its own intrinsics' `__m512 __Y = __Y;` as
@@ -10,10 +10,13 @@
 #endif
 #include <doctest/doctest.h>
 
+#include "support/test_support.hpp"
+
 #include <grove/grove.hpp>
-#include <grove/experts/bf16_weights.hpp>
+#include <grove/weights/bf16_weights.hpp>
 #include <grove/kernels/cpu/expert_backward.hpp>
-#include <grove/kernels/cpu/expert_engine.hpp>
+#include <grove/runners/cpu_runner.hpp>
+#include <grove/runners/default_runner.hpp>
 #include <grove/kernels/cpu/expert_forward.hpp>
 #include <grove/simd/batch.hpp>
 
@@ -28,6 +31,8 @@
 #include <vector>
 
 namespace {
+
+using grove_test::same_bits;
 
 using Index = grove::index;
 using grove::layer_dims;
@@ -108,10 +113,6 @@ double relative_error(const row_matrix<float>& y, const reference_result& ref) {
   return worst;
 }
 
-bool same_bits(const row_matrix<float>& a, const row_matrix<float>& b) {
-  return a.rows() == b.rows() && a.cols() == b.cols() &&
-         (a.size() == 0 || std::memcmp(a.data(), b.data(), sizeof(float) * static_cast<std::size_t>(a.size())) == 0);
-}
 
 struct layer_case {
   const char* name;
@@ -157,12 +158,12 @@ std::vector<isa> levels() {
   return out;
 }
 
-grove::cpu::expert_engine make_engine(isa level, int threads, grove::cpu::schedule_shape shape = {}) {
-  grove::cpu::engine_options options;
+grove::cpu_runner make_engine(isa level, int threads, grove::schedule_shape shape = {}) {
+  grove::cpu_runner_options options;
   options.threads = threads;
   options.isa = level;
   options.shape = shape;
-  return grove::cpu::expert_engine(options);
+  return grove::cpu_runner(options);
 }
 
 }  // namespace
@@ -228,7 +229,7 @@ TEST_CASE("fast_cpu: results are bitwise identical for 1 to 4 threads, repeated 
   const layer_case c{"determinism", {72, 8, 4, 40, 24}, 3, 90};
   const prepared p = prepare(c, 7);
   const grove::bf16_weights w = grove::bf16_weights::from(p.params.view());
-  const grove::cpu::schedule_shape odd_shape{3, 5, 7};
+  const grove::schedule_shape odd_shape{3, 5, 7};
   for (isa level : levels()) {
     CAPTURE(grove::simd::isa_name(level));
     row_matrix<float> first(c.tokens, c.dims.hidden), first_bf16(c.tokens, c.dims.hidden);
@@ -253,13 +254,14 @@ TEST_CASE("fast_cpu: results are bitwise identical for 1 to 4 threads, repeated 
   }
 }
 
-TEST_CASE("fast_cpu: forward_experts is the fast path and agrees with forward_experts_simple") {
+TEST_CASE("fast_cpu: the default runner is a default cpu_runner and agrees with forward_experts_simple") {
   const layer_case c{"integration", {48, 8, 4, 32, 16}, 2, 21};
   const prepared p = prepare(c, 11);
   row_matrix<float> fast(c.tokens, c.dims.hidden), simple(c.tokens, c.dims.hidden), engine_y(c.tokens, c.dims.hidden);
-  grove::cpu::forward_experts(p.params.view(), p.plan, p.x, fast);
+  grove::default_runner()->forward(p.params.view(), p.plan, p.x, fast);
   grove::cpu::forward_experts_simple(p.params.view(), p.plan, p.x, simple);
-  grove::cpu::default_engine().forward(p.params.view(), p.plan, p.x, engine_y);
+  grove::cpu_runner fresh;  // hardware_concurrency() threads, the best instruction set
+  fresh.forward(p.params.view(), p.plan, p.x, engine_y);
   CHECK(same_bits(fast, engine_y));
   CHECK((fast - simple).cwiseAbs().maxCoeff() <= 1e-5 * (1.0 + simple.cwiseAbs().maxCoeff()));
   // The layer calls it.
@@ -269,15 +271,15 @@ TEST_CASE("fast_cpu: forward_experts is the fast path and agrees with forward_ex
   // bf16 overload of the integration point.
   const grove::bf16_weights w = grove::bf16_weights::from(p.params.view());
   row_matrix<float> yb(c.tokens, c.dims.hidden), yb_engine(c.tokens, c.dims.hidden);
-  grove::cpu::forward_experts(w.view(), p.plan, p.x, yb);
-  grove::cpu::default_engine().forward(w.view(), p.plan, p.x, yb_engine);
+  grove::default_runner()->forward(w.view(), p.plan, p.x, yb);
+  fresh.forward(w.view(), p.plan, p.x, yb_engine);
   CHECK(same_bits(yb, yb_engine));
-  // double has no fast path: forward_experts runs the simple version.
+  // double has no fused pass: the CPU runner runs the simple version.
   const auto pd = grove::layer_parameters<double>::random(c.dims, 3, 0.3);
   const row_matrix<double> xd = p.x.cast<double>();
   const auto plan_d = grove::route(pd.view(), {c.top_k, 0.5}, xd);
   row_matrix<double> yd1(c.tokens, c.dims.hidden), yd2(c.tokens, c.dims.hidden);
-  grove::cpu::forward_experts(pd.view(), plan_d, xd, yd1);
+  grove::default_runner()->forward(pd.view(), plan_d, xd, yd1);
   grove::cpu::forward_experts_simple(pd.view(), plan_d, xd, yd2);
   CHECK(yd1 == yd2);
 }
@@ -296,8 +298,8 @@ TEST_CASE("fast_cpu: x and y may be the same matrix") {
 TEST_CASE("fast_cpu: the schedule covers every row and column of every item exactly once") {
   const layer_case c{"schedule", {40, 8, 4, 70, 20}, 3, 100};
   const prepared p = prepare(c, 13);
-  grove::cpu::expert_schedule<float> schedule;
-  const grove::cpu::schedule_shape shape{16, 32, 64};
+  grove::detail::expert_schedule<float> schedule;
+  const grove::schedule_shape shape{16, 32, 64};
   schedule.build(p.params.view(), p.plan, shape);
   const auto items = schedule.items();
   // Items: routed experts by Index, then adjugates by Index, only those with rows.
@@ -381,7 +383,7 @@ TEST_CASE("fast_cpu: errors name what is wrong") {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward (expert_engine::backward) against a reference written here: token by token from the
+// Backward (cpu_runner::backward) against a reference written here: token by token from the
 // plan's per-token view, double precision, plain loops (docs/math.md, "Backward").
 // ---------------------------------------------------------------------------------------------
 namespace {
@@ -452,8 +454,8 @@ struct backward_result {
 };
 
 /// engine.backward into buffers that start from `start_grads` and `start_dx` (backward adds).
-backward_result run_backward(grove::cpu::expert_engine& engine, const prepared& p, const row_matrix<float>& dy,
-                             const grove::cpu::saved_activations<float>* saved, const grove::layer_parameters<float>& start_grads,
+backward_result run_backward(grove::cpu_runner& engine, const prepared& p, const row_matrix<float>& dy,
+                             const grove::saved_activations<float>* saved, const grove::layer_parameters<float>& start_grads,
                              const row_matrix<float>& start_dx) {
   backward_result r{start_grads, start_dx, {}};
   engine.backward(p.params.view(), p.plan, p.x, dy, saved, r.grads.span(), r.dx, r.dw);
@@ -488,9 +490,6 @@ double worst_relative(const row_matrix<float>& a, const row_matrix<float>* start
   return diff / scale;
 }
 
-bool same_bits(std::span<const float> a, std::span<const float> b) {
-  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0);
-}
 
 }  // namespace
 
@@ -538,7 +537,7 @@ TEST_CASE("fast_cpu: backward is bitwise identical for 1 to 4 threads, repeated 
     auto one = make_engine(level, 1);
     const backward_result first = run_backward(one, p, dy, nullptr, zero, zero_dx);
     // The saving forward gives the forward's y, and backward from what it saved the same bits.
-    grove::cpu::saved_activations<float> saved;
+    grove::saved_activations<float> saved;
     row_matrix<float> y_saving(c.tokens, c.dims.hidden), y(c.tokens, c.dims.hidden);
     one.forward_saving(p.params.view(), p.plan, p.x, y_saving, saved);
     one.forward(p.params.view(), p.plan, p.x, y);
@@ -559,7 +558,7 @@ TEST_CASE("fast_cpu: backward is bitwise identical for 1 to 4 threads, repeated 
   }
 }
 
-TEST_CASE("fast_cpu: backward_experts is the engine for float and agrees with backward_experts_simple") {
+TEST_CASE("fast_cpu: the default runner's backward is the fused one and agrees with backward_experts_simple") {
   const layer_case c{"integration", {48, 8, 4, 32, 16}, 2, 21};
   const prepared p = prepare(c, 14);
   row_matrix<float> dy(c.tokens, c.dims.hidden);
@@ -568,11 +567,11 @@ TEST_CASE("fast_cpu: backward_experts is the engine for float and agrees with ba
   grove::layer_parameters<float> fast(c.dims), simple(c.dims), engine_grads(c.dims);
   row_matrix<float> dx_fast = row_matrix<float>::Zero(c.tokens, c.dims.hidden), dx_simple = dx_fast,
                     dx_engine = dx_fast, dw_fast, dw_simple, dw_engine;
-  grove::cpu::backward_experts<float>(p.params.view(), p.plan, p.x, dy, nullptr, fast.span(), dx_fast, dw_fast);
+  grove::default_runner()->backward<float>(p.params.view(), p.plan, p.x, dy, nullptr, fast.span(), dx_fast, dw_fast);
   grove::cpu::backward_experts_simple<float>(p.params.view(), p.plan, p.x, dy, nullptr, simple.span(), dx_simple,
                                              dw_simple);
-  grove::cpu::default_engine().backward(p.params.view(), p.plan, p.x, dy, nullptr, engine_grads.span(), dx_engine,
-                                        dw_engine);
+  grove::cpu_runner fresh;
+  fresh.backward(p.params.view(), p.plan, p.x, dy, nullptr, engine_grads.span(), dx_engine, dw_engine);
   CHECK(same_bits(fast.values(), engine_grads.values()));
   CHECK(same_bits(dx_fast, dx_engine));
   CHECK(same_bits(dw_fast, dw_engine));
@@ -614,7 +613,7 @@ TEST_CASE("fast_cpu: backward reuses its workspace and refuses bad buffers") {
   CHECK_THROWS_WITH_AS(engine.backward(p.params.view(), p.plan, p.x, dy, nullptr, wrong_grads.span(), dx, dw),
                        doctest::Contains("gradient buffers"), grove::error);
   // Activations saved for another batch are refused.
-  grove::cpu::saved_activations<float> saved;
+  grove::saved_activations<float> saved;
   const prepared other = prepare({"other", c.dims, 2, 31}, 16);
   row_matrix<float> y(other.x.rows(), c.dims.hidden);
   engine.forward_saving(other.params.view(), other.plan, other.x, y, saved);

@@ -2,6 +2,8 @@
 // layer loading and saving, config.json, and every error path with files crafted byte by byte.
 #include <doctest/doctest.h>
 
+#include "support/test_support.hpp"
+
 #include <atomic>
 #include <bit>
 #include <chrono>
@@ -21,29 +23,8 @@ namespace {
 namespace fs = std::filesystem;
 namespace io = grove::io;
 using doctest::Contains;
+using grove_test::temp_dir;
 
-/// A fresh directory under the system temp directory, removed with everything in it.
-class temp_dir {
- public:
-  temp_dir() {
-    static std::atomic<int> counter{0};
-    const auto stamp = std::chrono::steady_clock::now().time_since_epoch().count();
-    path_ = fs::temp_directory_path() /
-            ("grove-test-io-" + std::to_string(stamp) + "-" + std::to_string(counter++));
-    fs::create_directories(path_);
-  }
-  ~temp_dir() {
-    std::error_code ignored;
-    fs::remove_all(path_, ignored);
-  }
-  temp_dir(const temp_dir&) = delete;
-  temp_dir& operator=(const temp_dir&) = delete;
-  [[nodiscard]] fs::path operator/(const std::string& name) const { return path_ / name; }
-  [[nodiscard]] const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
 
 // ---- byte-level file crafting, independent of the library's writer ----
 
@@ -524,6 +505,69 @@ TEST_CASE("io: a layer loads from one file, converts, and round trips through sa
     std::memcpy(&expected, &rounded_bits, 4);
     if (rounded.values()[i] != expected) FAIL("element " << i << ": " << rounded.values()[i] << " != " << expected);
   }
+}
+
+TEST_CASE("io: a layer decodes straight into BF16 memory: copied from BF16, rounded once from F32, F16, F64") {
+  temp_dir dir;
+  // F32 weights with values that are not bf16-exact (ties and non-ties), written as F32, F64,
+  // F16 and BF16 files by the library's writer.
+  const auto random = grove::layer_parameters<float>::random(small, 11, 0.3);
+  auto with_bias = grove::layer_parameters<float>(random);
+  with_bias.bias()[1] = 0.375f;
+  for (io::dtype stored : {io::dtype::f32, io::dtype::f64, io::dtype::f16, io::dtype::bf16}) {
+    INFO(io::dtype_name(stored));
+    const std::string path = dir / ("w-" + std::string(io::dtype_name(stored)) + ".safetensors");
+    io::save_layer(path, with_bias.view(), "m", stored);
+    const io::checkpoint ckpt(path);
+    const grove::bf16_weights w = io::load_layer_bf16(ckpt, "m");
+    CHECK(w.dims() == small);
+    // Expected: the file's values read as double (exact for every dtype here), rounded once to
+    // bf16 by the rule written out in this test (round to nearest, ties to even).
+    const auto exact = io::load_layer<double>(ckpt, "m");
+    std::size_t i = 0;
+    bool all_equal = true;
+    w.view().for_each_tensor([&](const grove::tensor_info& info, const grove::bf16* const& p) {
+      if (p == nullptr) return;
+      for (grove::index k = 0; k < info.size(); ++k, ++i) {
+        const double v = exact.values()[i];
+        // Round the exact value to bf16 by hand: through float only when that is exact.
+        const auto as_float = static_cast<float>(v);
+        std::uint16_t expected;
+        if (static_cast<double>(as_float) == v) {
+          std::uint32_t bits;
+          std::memcpy(&bits, &as_float, 4);
+          expected = static_cast<std::uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+        } else {
+          expected = io::double_to_bf16(v);  // F64 values not exact in float: its own single rounding
+        }
+        if (grove::bits_of(p[k]) != expected) all_equal = false;
+      }
+    });
+    CHECK(all_equal);
+    CHECK(i == static_cast<std::size_t>(grove::total_parameters(small)));
+    // The bias stays fp32, the fp32 router is the bf16 one widened.
+    CHECK(w.bias()[1] == static_cast<float>(exact.bias()[1]));
+    CHECK(w.routing_view().router()(2, 3) == grove::to_float(w.view().router()(2, 3)));
+    // From F32 it is exactly what rounding the fp32 layer in memory gives.
+    if (stored == io::dtype::f32) {
+      const grove::bf16_weights from_f32 = grove::bf16_weights::from(io::load_layer<float>(ckpt, "m").view());
+      CHECK(std::memcmp(w.view().router().data(), from_f32.view().router().data(),
+                        sizeof(grove::bf16) * static_cast<std::size_t>(grove::total_parameters(small))) == 0);
+    }
+  }
+  // Errors name the tensor: a non-finite weight, a missing tensor.
+  auto tensors = layer_tensors("m");
+  std::vector<float> nan_values = expected_values(tensors, "m.experts.1.up_proj.weight");
+  nan_values[5] = std::numeric_limits<float>::quiet_NaN();
+  named(tensors, "m.experts.1.up_proj.weight").bytes = f32_bytes(nan_values);
+  write_file(dir / "nan.safetensors", safetensors_bytes(tensors));
+  CHECK_THROWS_WITH_AS(io::load_layer_bf16(io::checkpoint(dir / "nan.safetensors"), "m"),
+                       Contains("tensor 'experts.1.up_proj.weight' holds a non-finite value"), grove::error);
+  write_file(dir / "missing.safetensors", safetensors_bytes(without(layer_tensors("m"), "chunk_experts.1.up_proj")));
+  CHECK_THROWS_WITH_AS(io::load_layer_bf16(io::checkpoint(dir / "missing.safetensors"), "m"),
+                       Contains("m.chunk_experts.1.up_proj.weight"), grove::error);
+  CHECK(grove::bf16_weights::bytes_for(small) == io::load_layer_bf16(io::checkpoint(dir / "w-F32.safetensors"), "m").bytes());
+  CHECK(grove::layer_parameters<float>::bytes_for(small) == with_bias.bytes());
 }
 
 TEST_CASE("io: expert_bias is optional") {

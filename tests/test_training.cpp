@@ -3,6 +3,8 @@
 // auxiliary loss, upcycling (bit-exact at step 0), AdamW and RMSNorm.
 #include <doctest/doctest.h>
 
+#include "support/test_support.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -14,6 +16,8 @@
 #include <vector>
 
 namespace {
+
+using grove_test::random_matrix;
 
 using grove::layer_dims;
 using grove::layer_parameters;
@@ -89,13 +93,6 @@ reference_output reference_forward(const grove::weights_view<S>& w, grove::index
 
 double inner(const row_matrix<double>& a, const row_matrix<double>& b) { return a.cwiseProduct(b).sum(); }
 
-template <class S>
-row_matrix<S> random_matrix(grove::index rows, grove::index cols, std::uint64_t seed, double stddev = 1.0) {
-  grove::detail::normal_generator gen(seed);
-  row_matrix<S> m(rows, cols);
-  for (grove::index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<S>(stddev * gen.normal());
-  return m;
-}
 
 struct layer_case {
   const char* name;
@@ -133,7 +130,7 @@ void check_against_finite_differences(const layer_case& c, std::uint64_t seed) {
     REQUIRE(ids == base.picks[static_cast<std::size_t>(t)]);
   }
   row_matrix<double> y(c.tokens, c.dims.hidden);
-  grove::cpu::forward_experts<double>(p.view(), plan, x, y);
+  grove::default_runner()->forward<double>(p.view(), plan, x, y);
   REQUIRE((y - base.y).cwiseAbs().maxCoeff() < 1e-12);
 
   const auto g = grove::gradients<double>(p.view(), plan, x, R);
@@ -257,7 +254,7 @@ TEST_SUITE("training") {
     grove::saved_activations<S> saved;
     row_matrix<S> y(x.rows(), dims.hidden), y_core(x.rows(), dims.hidden);
     grove::forward_saving<S>(p.view(), plan, x, y, saved);
-    grove::cpu::forward_experts<S>(p.view(), plan, x, y_core);
+    grove::default_runner()->forward<S>(p.view(), plan, x, y_core);
     CHECK(saved.matches(plan, dims));
     CHECK(saved.bytes() == sizeof(S) * std::size_t(2 * (40 * 3 * 12 + plan.adjugate_evaluations() * 6)));
     // The training forward computes the same y as the inference kernel (up to rounding, since
@@ -612,7 +609,7 @@ TEST_SUITE("training") {
     plan.adjugate_rows.clear();
     std::fill(plan.adjugate_offsets.begin(), plan.adjugate_offsets.end(), grove::index(0));
     row_matrix<float> y_plain(64, 16);
-    grove::cpu::forward_experts<float>(params.view(), plan, x, y_plain);
+    grove::default_runner()->forward<float>(params.view(), plan, x, y_plain);
     CHECK(same_bits(result.y, y_plain));
 
     // (2) The same layer with λ = 0.

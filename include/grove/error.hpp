@@ -1,7 +1,10 @@
 #pragma once
 
+#include <concepts>
 #include <stdexcept>
 #include <string>
+#include <string_view>
+#include <type_traits>
 
 #include "grove/version.hpp"
 
@@ -16,11 +19,36 @@ class error : public std::runtime_error {
 };
 
 namespace detail {
-/// Throws grove::error with `message` when `condition` is false. Used for runtime checks of
-/// what cannot be checked at compile time (shapes read from files, dynamic sizes).
-inline void require(bool condition, const std::string& message) {
-  if (!condition) throw error(message);
+
+/// Appends one part of an error message: text as it is, numbers in decimal.
+inline void append_message_part(std::string& out, std::string_view text) { out.append(text); }
+inline void append_message_part(std::string& out, char c) { out.push_back(c); }
+template <class Number>
+  requires(std::is_arithmetic_v<Number> && !std::same_as<Number, char> && !std::same_as<Number, bool>)
+void append_message_part(std::string& out, Number value) {
+  out.append(std::to_string(value));
 }
+
+/// Builds the message from its parts and throws. Kept out of line of the check so that the
+/// check itself is a compare and a branch.
+template <class... Parts>
+[[noreturn]] void fail(const Parts&... parts) {
+  std::string message;
+  (append_message_part(message, parts), ...);
+  throw error(message);
+}
+
+/// Throws grove::error when `condition` is false. The message is given as parts (text and
+/// numbers) and is built only on failure, so a passing check never allocates: the steady-state
+/// passes (runner forward and backward, route_into) promise no heap allocation.
+///
+///   require(x.cols() == H, "grove: input x has ", x.cols(), " columns, expected ", H);
+template <class... Parts>
+void require(bool condition, const Parts&... parts) {
+  if (!condition) [[unlikely]]
+    fail(parts...);
+}
+
 }  // namespace detail
 
 GROVE_END_NAMESPACE

@@ -8,6 +8,6 @@
 #include "grove/training/router_backward.hpp"
 #include "grove/training/backward.hpp"
 #include "grove/training/load_balancing.hpp"
-#include "grove/training/upcycle.hpp"
+#include "grove/weights/upcycle.hpp"
 #include "grove/training/adamw.hpp"
 #include "grove/training/rms_norm.hpp"

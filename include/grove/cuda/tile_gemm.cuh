@@ -311,7 +311,7 @@ __device__ inline void wait_ready(const int* counter, int target) {
   __syncthreads();
 }
 
-// SwiGLU pieces as the CPU writes them (experts/swiglu.hpp), in fp32.
+// SwiGLU pieces as the CPU writes them (weights/swiglu.hpp), in fp32.
 __host__ __device__ inline float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
 __host__ __device__ inline float silu(float z) { return z / (1.0f + expf(-z)); }
 __host__ __device__ inline float silu_derivative(float z) {

@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "grove/error.hpp"
+#include "grove/weights/bf16.hpp"
 
 GROVE_BEGIN_NAMESPACE
 namespace io {
@@ -71,17 +72,12 @@ namespace io {
 
 /// float -> bfloat16 bits, rounding to nearest, ties to even (what PyTorch's .to(torch.bfloat16)
 /// does). Values beyond the largest bfloat16 round to ±inf; NaN stays a (quiet) NaN with its sign.
-[[nodiscard]] inline std::uint16_t float_to_bf16(float value) {
-  const auto bits = std::bit_cast<std::uint32_t>(value);
-  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<std::uint16_t>((bits >> 16) | 0x0040u);
-  const std::uint32_t lsb = (bits >> 16) & 1u;
-  return static_cast<std::uint16_t>((bits + 0x7FFFu + lsb) >> 16);
-}
+/// grove's one bf16 rounding rule, simd::float_to_bf16_bits: checkpoints, weights in memory and
+/// the kernels' bf16 activations all round alike.
+[[nodiscard]] inline std::uint16_t float_to_bf16(float value) { return simd::float_to_bf16_bits(value); }
 
 /// bfloat16 bits -> float (exact).
-[[nodiscard]] inline float bf16_to_float(std::uint16_t bits) {
-  return std::bit_cast<float>(static_cast<std::uint32_t>(bits) << 16);
-}
+[[nodiscard]] inline float bf16_to_float(std::uint16_t bits) { return simd::bf16_bits_to_float(bits); }
 
 /// float -> IEEE binary16 bits, rounding to nearest, ties to even, with subnormals; values
 /// from 65520 up round to ±inf; NaN stays a quiet NaN with its sign.
@@ -177,6 +173,9 @@ template <class Value>
 constexpr bool is_float_value = std::is_same_v<Value, float> || std::is_same_v<Value, double>;
 template <class Value>
 constexpr bool is_int_value = std::is_same_v<Value, std::int32_t> || std::is_same_v<Value, std::int64_t>;
+/// bf16 values: BF16 weights decoded straight from any floating dtype, with one rounding.
+template <class Value>
+constexpr bool is_bf16_value = std::is_same_v<Value, bf16>;
 
 inline std::string conversion_error(io::dtype stored, std::string_view value_type) {
   return "grove: unsupported dtype " + std::string(io::dtype_name(stored)) + " for " + std::string(value_type) +
@@ -187,16 +186,17 @@ constexpr std::string_view value_type_name() {
   if constexpr (std::is_same_v<Value, float>) return "float";
   else if constexpr (std::is_same_v<Value, double>) return "double";
   else if constexpr (std::is_same_v<Value, std::int32_t>) return "int32";
+  else if constexpr (std::is_same_v<Value, bf16>) return "bf16";
   else return "int64";
 }
 }  // namespace detail
 
 namespace io {
 
-/// Whether values of C++ type `Value` (float, double, int32_t, int64_t) convert to and from `stored`.
+/// Whether values of C++ type `Value` (float, double, bf16, int32_t, int64_t) convert to and from `stored`.
 template <class Value>
 [[nodiscard]] constexpr bool converts(dtype stored) {
-  if constexpr (detail::is_float_value<Value>) return is_floating(stored);
+  if constexpr (detail::is_float_value<Value> || detail::is_bf16_value<Value>) return is_floating(stored);
   else if constexpr (detail::is_int_value<Value>) return stored == dtype::i32 || stored == dtype::i64;
   else return false;
 }
@@ -204,15 +204,24 @@ template <class Value>
 /// Converts `count` elements stored as `stored` (little-endian bytes at `src`, count ·
 /// dtype_size(stored) of them) to `Value`s at `dst`. Throws grove::error for a dtype that does not
 /// convert to `Value` (see converts()). Narrowing integer conversions throw when a value does not fit.
+/// bf16 values are rounded once (to nearest even) from F32, F16 and F64, and copied from BF16, so a
+/// BF16 checkpoint loads into BF16 memory bit for bit and without a float copy.
 template <class Value>
 void decode(dtype stored, const std::byte* src, std::size_t count, Value* dst) {
-  static_assert(detail::is_float_value<Value> || detail::is_int_value<Value>,
-                "GROVE_IO_VALUES_MUST_BE_FLOAT_DOUBLE_INT32_OR_INT64");
+  static_assert(detail::is_float_value<Value> || detail::is_int_value<Value> || detail::is_bf16_value<Value>,
+                "GROVE_IO_VALUES_MUST_BE_FLOAT_DOUBLE_BF16_INT32_OR_INT64");
   if (!converts<Value>(stored)) throw error(detail::conversion_error(stored, detail::value_type_name<Value>()));
   const std::size_t size = dtype_size(stored);
   for (std::size_t i = 0; i < count; ++i) {
     const std::byte* p = src + i * size;
-    if constexpr (detail::is_float_value<Value>) {
+    if constexpr (detail::is_bf16_value<Value>) {
+      switch (stored) {
+        case dtype::f64: dst[i] = bf16_from_bits(double_to_bf16(std::bit_cast<double>(detail::load_le<std::uint64_t>(p)))); break;
+        case dtype::f32: dst[i] = bf16_from_bits(float_to_bf16(std::bit_cast<float>(detail::load_le<std::uint32_t>(p)))); break;
+        case dtype::f16: dst[i] = bf16_from_bits(float_to_bf16(f16_to_float(detail::load_le<std::uint16_t>(p)))); break;
+        default: dst[i] = bf16_from_bits(detail::load_le<std::uint16_t>(p)); break;
+      }
+    } else if constexpr (detail::is_float_value<Value>) {
       switch (stored) {
         case dtype::f64: dst[i] = static_cast<Value>(std::bit_cast<double>(detail::load_le<std::uint64_t>(p))); break;
         case dtype::f32: dst[i] = static_cast<Value>(std::bit_cast<float>(detail::load_le<std::uint32_t>(p))); break;
@@ -236,14 +245,22 @@ void decode(dtype stored, const std::byte* src, std::size_t count, Value* dst) {
 /// double); narrowing integer conversions throw when a value does not fit.
 template <class Value>
 void encode(dtype stored, const Value* src, std::size_t count, std::byte* dst) {
-  static_assert(detail::is_float_value<Value> || detail::is_int_value<Value>,
-                "GROVE_IO_VALUES_MUST_BE_FLOAT_DOUBLE_INT32_OR_INT64");
+  static_assert(detail::is_float_value<Value> || detail::is_int_value<Value> || detail::is_bf16_value<Value>,
+                "GROVE_IO_VALUES_MUST_BE_FLOAT_DOUBLE_BF16_INT32_OR_INT64");
   if (!converts<Value>(stored)) throw error(detail::conversion_error(stored, detail::value_type_name<Value>()));
   const std::size_t size = dtype_size(stored);
   for (std::size_t i = 0; i < count; ++i) {
     std::byte* p = dst + i * size;
     const Value v = src[i];
-    if constexpr (detail::is_float_value<Value>) {
+    if constexpr (detail::is_bf16_value<Value>) {
+      // bf16 -> F32/F64 is exact, -> BF16 a copy, -> F16 one rounding of the exact value.
+      switch (stored) {
+        case dtype::f64: detail::store_le(p, std::bit_cast<std::uint64_t>(static_cast<double>(to_float(v)))); break;
+        case dtype::f32: detail::store_le(p, std::bit_cast<std::uint32_t>(to_float(v))); break;
+        case dtype::f16: detail::store_le(p, float_to_f16(to_float(v))); break;
+        default: detail::store_le(p, bits_of(v)); break;
+      }
+    } else if constexpr (detail::is_float_value<Value>) {
       switch (stored) {
         case dtype::f64: detail::store_le(p, std::bit_cast<std::uint64_t>(static_cast<double>(v))); break;
         case dtype::f32: detail::store_le(p, std::bit_cast<std::uint32_t>(static_cast<float>(v))); break;

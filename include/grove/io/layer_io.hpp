@@ -1,5 +1,6 @@
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <set>
@@ -10,9 +11,10 @@
 
 #include "grove/config/layer_dims.hpp"
 #include "grove/error.hpp"
-#include "grove/experts/check_finite.hpp"
-#include "grove/experts/layer_parameters.hpp"
-#include "grove/experts/layer_weights.hpp"
+#include "grove/weights/check_finite.hpp"
+#include "grove/weights/bf16_weights.hpp"
+#include "grove/weights/layer_parameters.hpp"
+#include "grove/weights/layer_weights.hpp"
 #include "grove/io/checkpoint.hpp"
 #include "grove/io/dtype.hpp"
 #include "grove/io/safetensors.hpp"
@@ -188,6 +190,7 @@ void read_layer_tensors(const checkpoint& ckpt, std::string_view prefix, const w
   };
   into.for_each_tensor([&](const tensor_info& info, Scalar* const& data) {
     if (!adjugates && is_adjugate(info.role)) return;
+    if (data == nullptr) return;  // a tensor the destination keeps elsewhere (bf16_weights' fp32 bias)
     const std::string name = tensor_name(prefix, info.name);
     const bool bias = info.role == tensor_role::selection_bias;
     if (bias && !ckpt.contains(name)) return;
@@ -220,6 +223,28 @@ template <class Scalar>
 template <class Scalar>
 [[nodiscard]] layer_parameters<Scalar> load_layer(const std::filesystem::path& path, std::string_view prefix) {
   return load_layer<Scalar>(checkpoint(path), prefix);
+}
+
+/// Loads the Grove layer under `prefix` into BF16 memory (bf16_weights): every tensor decoded
+/// straight into bf16 (copied bit for bit from BF16, rounded once to nearest even from F32, F16
+/// or F64) with no fp32 copy of the layer on the way, so the peak memory is the layer's BF16
+/// bytes plus the fp32 router and bias (docs/io.md, "BF16 weights"). Same checks as load_layer.
+[[nodiscard]] inline bf16_weights load_layer_bf16(const checkpoint& ckpt, std::string_view prefix) {
+  const layer_dims dims = infer_layer_dims(ckpt, prefix);
+  check_layer_tensors(ckpt, prefix, dims);
+  bf16_weights weights(dims);
+  read_layer_tensors(ckpt, prefix, weights.span(), /*adjugates=*/true);
+  const std::string bias = tensor_name(prefix, "expert_bias");
+  if (ckpt.contains(bias)) {
+    const std::int64_t expected[] = {dims.experts};
+    ckpt.read_into(bias, std::span<const std::int64_t>(expected), weights.bias());
+    for (index e = 0; e < dims.experts; ++e)
+      if (!std::isfinite(weights.bias()[static_cast<std::size_t>(e)]))
+        throw error("grove: tensor '" + bias + "' holds a non-finite value at row " + std::to_string(e) +
+                    " (layer prefix '" + std::string(prefix) + "' in checkpoint " + detail::quoted(ckpt.path()) + ")");
+  }
+  weights.refresh_router();
+  return weights;
 }
 
 /// Adds every tensor of `weights` to `writer` under `prefix` with the checkpoint names, stored as

@@ -5,10 +5,10 @@
 
 #include "grove/config/layer_dims.hpp"
 #include "grove/error.hpp"
-#include "grove/experts/layer_parameters.hpp"
+#include "grove/weights/layer_parameters.hpp"
 #include "grove/io/checkpoint.hpp"
 #include "grove/io/layer_io.hpp"
-#include "grove/training/upcycle.hpp"
+#include "grove/weights/upcycle.hpp"
 
 GROVE_BEGIN_NAMESPACE
 namespace io {

@@ -4,7 +4,7 @@
 #include <vector>
 
 #include "grove/config/layer_dims.hpp"
-#include "grove/router/routing_plan.hpp"
+#include "grove/plan/routing_plan.hpp"
 
 GROVE_BEGIN_NAMESPACE
 

@@ -2,9 +2,9 @@
 
 #include <optional>
 
-#include "grove/experts/tensor_types.hpp"
+#include "grove/weights/tensor_types.hpp"
 #include "grove/layer/activation_stats.hpp"
-#include "grove/router/routing_plan.hpp"
+#include "grove/plan/routing_plan.hpp"
 
 GROVE_BEGIN_NAMESPACE
 

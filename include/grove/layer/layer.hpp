@@ -6,12 +6,13 @@
 
 #include "grove/config/layer_config.hpp"
 #include "grove/error.hpp"
-#include "grove/experts/layer_parameters.hpp"
-#include "grove/experts/layer_weights.hpp"
-#include "grove/kernels/cpu/expert_forward.hpp"
+#include "grove/weights/layer_parameters.hpp"
+#include "grove/weights/layer_weights.hpp"
 #include "grove/layer/activation_stats.hpp"
 #include "grove/layer/forward_result.hpp"
 #include "grove/router/route.hpp"
+#include "grove/runners/default_runner.hpp"
+#include "grove/runners/runner.hpp"
 
 GROVE_BEGIN_NAMESPACE
 
@@ -21,24 +22,29 @@ GROVE_BEGIN_NAMESPACE
 ///   grove::row_matrix<float> y = layer.forward(x);            // x: [T, H]
 ///
 /// Forward is two steps that can also be called separately: route (one routing_plan per batch)
-/// and run the experts of that plan. Copies of a layer that owns its weights share them.
+/// and run the experts of that plan on the layer's runner (docs/runners.md). A layer holds the
+/// runner it was given, or default_runner(); `layer.on(runner)` is the same layer on another
+/// runner, as Eigen's `.device(d)`. Copies of a layer share its weights and its runner.
 template <layer_configuration Config>
 class layer {
  public:
   using config_type = Config;
   using scalar = typename Config::scalar;
 
-  /// A layer that owns its weights.
-  layer(Config config, layer_parameters<scalar> parameters)
+  /// A layer that owns its weights, run by `runner`.
+  layer(Config config, layer_parameters<scalar> parameters,
+        std::shared_ptr<grove::runner> runner = default_runner())
       : config_(std::move(config)),
         owned_(std::make_shared<const layer_parameters<scalar>>(std::move(parameters))),
-        weights_(owned_->view()) {
+        weights_(owned_->view()),
+        runner_(std::move(runner)) {
     check_weights();
   }
 
   /// A layer over caller-owned buffers (row-major, PyTorch layout); nothing is copied and the
   /// buffers must outlive the layer.
-  layer(Config config, weights_view<scalar> weights) : config_(std::move(config)), weights_(std::move(weights)) {
+  layer(Config config, weights_view<scalar> weights, std::shared_ptr<grove::runner> runner = default_runner())
+      : config_(std::move(config)), weights_(std::move(weights)), runner_(std::move(runner)) {
     check_weights();
   }
 
@@ -46,16 +52,48 @@ class layer {
   [[nodiscard]] const layer_dims& dims() const { return config_.dims(); }
   [[nodiscard]] const weights_view<scalar>& weights() const { return weights_; }
 
+  /// The runner that executes this layer's plans.
+  [[nodiscard]] grove::runner& runner() const { return *runner_; }
+  [[nodiscard]] const std::shared_ptr<grove::runner>& shared_runner() const { return runner_; }
+  /// Runs this layer on `runner` from now on.
+  void set_runner(std::shared_ptr<grove::runner> runner) {
+    require_runner(runner);
+    runner_ = std::move(runner);
+  }
+  /// This layer (same weights, shared) on another runner.
+  [[nodiscard]] layer on(std::shared_ptr<grove::runner> runner) const {
+    layer copy(*this);
+    copy.set_runner(std::move(runner));
+    return copy;
+  }
+
   /// Step 1: routing for a batch x [T, H].
   [[nodiscard]] routing_plan<scalar> route(const_rows_ref<scalar> x) const {
     return grove::route(weights_, routing_options{config_.top_k(), config_.scale()}, x);
   }
+  /// Step 1 into a plan kept from an earlier batch: its storage is reused (no allocation once
+  /// it has held a batch this large).
+  void route_into(routing_plan<scalar>& plan, const_rows_ref<scalar> x) const {
+    grove::route_into(plan, weights_, routing_options{config_.top_k(), config_.scale()}, x);
+  }
 
-  /// Step 2: the experts of `plan` applied to x, written to y [T, H].
+  /// Step 2: the experts of `plan` applied to x, written to y [T, H], on the layer's runner.
   void forward(const routing_plan<scalar>& plan, const_rows_ref<scalar> x, rows_ref<scalar> y) const {
+    require_own_plan(plan);
+    runner_->forward(expert_forward<scalar>{weights_, plan, x, y});
+  }
+
+  /// Step 2 of a training forward: forward(plan, x, y) that also keeps what backward needs.
+  void forward_saving(const routing_plan<scalar>& plan, const_rows_ref<scalar> x, rows_ref<scalar> y,
+                      saved_activations<scalar>& saved) const {
+    require_own_plan(plan);
+    runner_->forward(expert_forward<scalar>{weights_, plan, x, y, &saved});
+  }
+
+  /// Throws unless `plan` was routed with this layer's k and λ.
+  void require_own_plan(const routing_plan<scalar>& plan) const {
     detail::require(plan.top_k == config_.top_k() && plan.scale == config_.scale(),
                     "grove: the routing plan was made with another top-k or scale than this layer's");
-    cpu::forward_experts(weights_, plan, x, y);
   }
 
   /// y = layer(x).
@@ -75,7 +113,11 @@ class layer {
   }
 
  private:
+  static void require_runner(const std::shared_ptr<grove::runner>& runner) {
+    detail::require(runner != nullptr, "grove: a layer needs a runner (got a null std::shared_ptr<grove::runner>)");
+  }
   void check_weights() const {
+    require_runner(runner_);
     const layer_dims& w = weights_.dims();
     const layer_dims& c = config_.dims();
     detail::require(w == c, "grove: the weights have (H, E, G, I, Ia) = (" + describe(w) +
@@ -90,6 +132,7 @@ class layer {
   Config config_;
   std::shared_ptr<const layer_parameters<scalar>> owned_;
   weights_view<scalar> weights_;
+  std::shared_ptr<grove::runner> runner_;
 };
 
 GROVE_END_NAMESPACE

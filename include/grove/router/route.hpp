@@ -7,9 +7,9 @@
 #include <vector>
 
 #include "grove/error.hpp"
-#include "grove/experts/layer_weights.hpp"
-#include "grove/experts/tensor_types.hpp"
-#include "grove/router/routing_plan.hpp"
+#include "grove/weights/layer_weights.hpp"
+#include "grove/weights/tensor_types.hpp"
+#include "grove/plan/routing_plan.hpp"
 #include "grove/router/top_k.hpp"
 
 GROVE_BEGIN_NAMESPACE
@@ -53,7 +53,7 @@ void collect_token_groups(routing_plan<Scalar>& plan) {
 template <class Scalar, class BucketOf, class WeightOf>
 void counting_sort(index tokens, index slots_per_token, index buckets, const std::vector<std::int32_t>* slot_counts,
                    BucketOf bucket_of, WeightOf weight_of, std::vector<index>& offsets,
-                   std::vector<dispatch_row<Scalar>>& rows) {
+                   std::vector<dispatch_row<Scalar>>& rows, std::vector<index>& cursor) {
   auto slots = [&](index t) {
     return slot_counts ? static_cast<index>((*slot_counts)[static_cast<std::size_t>(t)]) : slots_per_token;
   };
@@ -62,7 +62,7 @@ void counting_sort(index tokens, index slots_per_token, index buckets, const std
     for (index s = 0; s < slots(t); ++s) ++offsets[static_cast<std::size_t>(bucket_of(t, s)) + 1];
   for (index b = 0; b < buckets; ++b) offsets[static_cast<std::size_t>(b) + 1] += offsets[static_cast<std::size_t>(b)];
   rows.resize(static_cast<std::size_t>(offsets.back()));
-  std::vector<index> cursor(offsets.begin(), offsets.end() - 1);
+  cursor.assign(offsets.begin(), offsets.end() - 1);
   for (index t = 0; t < tokens; ++t)
     for (index s = 0; s < slots(t); ++s) {
       auto& at = cursor[static_cast<std::size_t>(bucket_of(t, s))];
@@ -73,22 +73,20 @@ void counting_sort(index tokens, index slots_per_token, index buckets, const std
 
 }  // namespace detail
 
-/// Routes a batch: router logits, top-k selection, renormalised weights, distinct groups and
-/// the per-expert dispatch (docs/math.md, steps 1–5; docs/plan.md). `x` is [T, H].
+/// Routes a batch into `plan`, reusing its storage: router logits, top-k selection,
+/// renormalised weights, distinct groups and the per-expert dispatch (docs/math.md, steps 1–5;
+/// docs/routing.md). `x` is [T, H]. Routing a batch no larger than the plan has held before
+/// allocates nothing.
 template <class Scalar>
-routing_plan<Scalar> route(const weights_view<Scalar>& weights, const routing_options& options,
-                           std::type_identity_t<const_rows_ref<Scalar>> x) {
+void route_into(routing_plan<Scalar>& plan, const weights_view<Scalar>& weights, const routing_options& options,
+                std::type_identity_t<const_rows_ref<Scalar>> x) {
   const layer_dims& d = weights.dims();
-  detail::require(x.cols() == d.hidden, "grove: input x has " + std::to_string(x.cols()) +
-                                            " columns but the layer's hidden size H is " +
-                                            std::to_string(d.hidden) + " (expected x of shape [T, " +
-                                            std::to_string(d.hidden) + "])");
-  detail::require(options.top_k >= 1 && options.top_k <= d.experts,
-                  "grove: top-k k = " + std::to_string(options.top_k) + " must lie in [1, E = " +
-                      std::to_string(d.experts) + "]");
+  detail::require(x.cols() == d.hidden, "grove: input x has ", x.cols(), " columns but the layer's hidden size H is ",
+                  d.hidden, " (expected x of shape [T, ", d.hidden, "])");
+  detail::require(options.top_k >= 1 && options.top_k <= d.experts, "grove: top-k k = ", options.top_k,
+                  " must lie in [1, E = ", d.experts, "]");
   detail::require(weights.router().data() != nullptr, "grove: missing tensor 'gate.weight' (router)");
 
-  routing_plan<Scalar> plan;
   plan.tokens = x.rows();
   plan.experts = d.experts;
   plan.groups = d.groups;
@@ -102,9 +100,10 @@ routing_plan<Scalar> route(const weights_view<Scalar>& weights, const routing_op
   const Scalar* bias = detail::bias_is_zero(weights.bias(), d.experts) ? nullptr : weights.bias();
   plan.topk_ids.resize(plan.tokens, plan.top_k);
   plan.topk_weights.resize(plan.tokens, plan.top_k);
-  std::vector<Scalar> scores(static_cast<std::size_t>(plan.top_k));
+  plan.scratch.scores.resize(static_cast<std::size_t>(plan.top_k));
   for (index t = 0; t < plan.tokens; ++t) {
-    detail::select_top_k(&plan.logits(t, 0), bias, d.experts, plan.top_k, &plan.topk_ids(t, 0), scores.data(), t);
+    detail::select_top_k(&plan.logits(t, 0), bias, d.experts, plan.top_k, &plan.topk_ids(t, 0),
+                         plan.scratch.scores.data(), t);
     detail::picked_softmax(&plan.logits(t, 0), &plan.topk_ids(t, 0), plan.top_k, &plan.topk_weights(t, 0));
   }
 
@@ -112,12 +111,21 @@ routing_plan<Scalar> route(const weights_view<Scalar>& weights, const routing_op
 
   detail::counting_sort<Scalar>(
       plan.tokens, plan.top_k, plan.experts, nullptr, [&](index t, index s) { return plan.topk_ids(t, s); },
-      [&](index t, index s) { return plan.topk_weights(t, s); }, plan.expert_offsets, plan.expert_rows);
+      [&](index t, index s) { return plan.topk_weights(t, s); }, plan.expert_offsets, plan.expert_rows,
+      plan.scratch.cursor);
   const auto lambda = static_cast<Scalar>(plan.scale);
   detail::counting_sort<Scalar>(
       plan.tokens, 0, plan.groups, &plan.groups_per_token, [&](index t, index s) { return plan.token_groups(t, s); },
       [&](index t, index s) { return lambda * plan.group_weights(t, s); }, plan.adjugate_offsets,
-      plan.adjugate_rows);
+      plan.adjugate_rows, plan.scratch.cursor);
+}
+
+/// Routes a batch into a new plan (route_into on an empty one).
+template <class Scalar>
+routing_plan<Scalar> route(const weights_view<Scalar>& weights, const routing_options& options,
+                           std::type_identity_t<const_rows_ref<Scalar>> x) {
+  routing_plan<Scalar> plan;
+  route_into(plan, weights, options, x);
   return plan;
 }
 

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 
 #include "grove/error.hpp"
 
@@ -174,8 +175,15 @@ namespace simd {
 
 /// Throws grove::error when `level` cannot run on this machine.
 inline void require_supported(isa level) {
-  grove::detail::require(supported(level), std::string("grove: the instruction set '") + isa_name(level) +
-                                               "' was requested but this CPU (or build) does not support it");
+  grove::detail::require(supported(level), "grove: the instruction set '", isa_name(level),
+                         "' was requested but this CPU (or build) does not support it");
+}
+
+/// The level named `name` (as isa_name writes it); throws grove::error for another name.
+[[nodiscard]] inline isa parse_isa(std::string_view name) {
+  for (int level = 0; level < isa_count; ++level)
+    if (name == isa_name(static_cast<isa>(level))) return static_cast<isa>(level);
+  grove::detail::fail("grove: unknown instruction set '", name, "' (scalar, avx2, avx512 or avx512_bf16)");
 }
 
 }  // namespace simd

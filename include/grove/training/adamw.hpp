@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "grove/error.hpp"
-#include "grove/experts/layer_parameters.hpp"
+#include "grove/weights/layer_parameters.hpp"
 
 GROVE_BEGIN_NAMESPACE
 

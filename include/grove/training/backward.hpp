@@ -5,31 +5,33 @@
 
 #include "grove/config/layer_config.hpp"
 #include "grove/error.hpp"
-#include "grove/experts/layer_parameters.hpp"
-#include "grove/experts/layer_weights.hpp"
-#include "grove/experts/tensor_types.hpp"
-#include "grove/kernels/cpu/expert_backward.hpp"
+#include "grove/weights/layer_parameters.hpp"
+#include "grove/weights/layer_weights.hpp"
+#include "grove/weights/tensor_types.hpp"
 #include "grove/layer/layer.hpp"
-#include "grove/router/routing_plan.hpp"
+#include "grove/plan/routing_plan.hpp"
+#include "grove/plan/saved_activations.hpp"
+#include "grove/runners/default_runner.hpp"
+#include "grove/runners/runner.hpp"
 #include "grove/training/router_backward.hpp"
 
 GROVE_BEGIN_NAMESPACE
 
-/// The SwiGLU pre-activations a training forward keeps for backward (see cpu::saved_activations).
+/// The SwiGLU pre-activations a training forward keeps for backward (see saved_activations).
 template <class Scalar>
-using saved_activations = cpu::saved_activations<Scalar>;
+using saved_activations = saved_activations<Scalar>;
 
-/// Forward of the experts of `plan` (y written, as cpu::forward_experts) that also fills `saved`
-/// for backward. Use it instead of the plain forward when memory allows; backward then skips
-/// the gate/up products.
+/// Forward of the experts of `plan` on `runner` (y written) that also fills `saved` for
+/// backward. Use it instead of the plain forward when memory allows; backward then skips the
+/// gate/up products.
 template <class Scalar>
-void forward_saving(const std::type_identity_t<weights_view<Scalar>>& weights, const routing_plan<Scalar>& plan,
-                    std::type_identity_t<const_rows_ref<Scalar>> x, std::type_identity_t<rows_ref<Scalar>> y,
-                    saved_activations<Scalar>& saved) {
-  cpu::forward_experts_saving<Scalar>(weights, plan, x, y, saved);
+void forward_saving(runner& runner, const std::type_identity_t<weights_view<Scalar>>& weights,
+                    const routing_plan<Scalar>& plan, std::type_identity_t<const_rows_ref<Scalar>> x,
+                    std::type_identity_t<rows_ref<Scalar>> y, saved_activations<Scalar>& saved) {
+  runner.forward_saving<Scalar>(weights, plan, x, y, saved);
 }
 
-/// Backward of a whole Grove layer on the CPU from the routing plan its forward made
+/// Backward of a whole Grove layer from the routing plan its forward made, on `runner`
 /// (docs/math.md, "Backward"; docs/training.md). Given the batch x [T, H] and dy = ∂L/∂y [T, H]:
 ///   - the gradients of the router, of every routed expert and of every adjugate (gate, up,
 ///     down) are ADDED to `grads` (same dims as the layer; e.g. layer_parameters::span()), so
@@ -39,16 +41,33 @@ void forward_saving(const std::type_identity_t<weights_view<Scalar>>& weights, c
 /// With `saved` from forward_saving for the same plan, the gate/up products are taken from
 /// it; with nullptr they are recomputed. Both give bit-identical results.
 template <class Scalar>
+void backward(runner& runner, const std::type_identity_t<weights_view<Scalar>>& weights,
+              const routing_plan<Scalar>& plan, std::type_identity_t<const_rows_ref<Scalar>> x,
+              std::type_identity_t<const_rows_ref<Scalar>> dy, const std::type_identity_t<weights_span<Scalar>>& grads,
+              std::type_identity_t<rows_ref<Scalar>> dx, const saved_activations<Scalar>* saved = nullptr) {
+  weights.require_complete();
+  grads.require_complete();
+  row_matrix<Scalar> dw, dl;
+  runner.backward(expert_backward<Scalar>{weights, plan, x, dy, saved, grads, dx, dw});
+  routing_logit_gradient(plan, dw, dl);
+  router_backward<Scalar>(weights, x, dl, grads, dx);
+}
+
+/// forward_saving on default_runner().
+template <class Scalar>
+void forward_saving(const std::type_identity_t<weights_view<Scalar>>& weights, const routing_plan<Scalar>& plan,
+                    std::type_identity_t<const_rows_ref<Scalar>> x, std::type_identity_t<rows_ref<Scalar>> y,
+                    saved_activations<Scalar>& saved) {
+  forward_saving<Scalar>(*default_runner(), weights, plan, x, y, saved);
+}
+
+/// backward on default_runner().
+template <class Scalar>
 void backward(const std::type_identity_t<weights_view<Scalar>>& weights, const routing_plan<Scalar>& plan,
               std::type_identity_t<const_rows_ref<Scalar>> x, std::type_identity_t<const_rows_ref<Scalar>> dy,
               const std::type_identity_t<weights_span<Scalar>>& grads, std::type_identity_t<rows_ref<Scalar>> dx,
               const saved_activations<Scalar>* saved = nullptr) {
-  weights.require_complete();
-  grads.require_complete();
-  row_matrix<Scalar> dw, dl;
-  cpu::backward_experts<Scalar>(weights, plan, x, dy, saved, grads, dx, dw);
-  routing_logit_gradient(plan, dw, dl);
-  router_backward<Scalar>(weights, x, dl, grads, dx);
+  backward<Scalar>(*default_runner(), weights, plan, x, dy, grads, dx, saved);
 }
 
 /// Fresh gradients of one batch: the weights' in the layer's flat layout (walk them with
@@ -59,17 +78,27 @@ struct layer_gradients {
   row_matrix<Scalar> input;          ///< ∂L/∂x, [T, H]
 };
 
-/// backward() into zero-initialised buffers.
+/// backward() into zero-initialised buffers, on `runner`.
 template <class Scalar>
-[[nodiscard]] layer_gradients<Scalar> gradients(const std::type_identity_t<weights_view<Scalar>>& weights,
+[[nodiscard]] layer_gradients<Scalar> gradients(runner& runner, const std::type_identity_t<weights_view<Scalar>>& weights,
                                                 const routing_plan<Scalar>& plan,
                                                 std::type_identity_t<const_rows_ref<Scalar>> x,
                                                 std::type_identity_t<const_rows_ref<Scalar>> dy,
                                                 const saved_activations<Scalar>* saved = nullptr) {
   layer_gradients<Scalar> g{layer_parameters<Scalar>(weights.dims()),
                             row_matrix<Scalar>::Zero(x.rows(), weights.dims().hidden)};
-  backward<Scalar>(weights, plan, x, dy, g.weights.span(), g.input, saved);
+  backward<Scalar>(runner, weights, plan, x, dy, g.weights.span(), g.input, saved);
   return g;
+}
+
+/// gradients() on default_runner().
+template <class Scalar>
+[[nodiscard]] layer_gradients<Scalar> gradients(const std::type_identity_t<weights_view<Scalar>>& weights,
+                                                const routing_plan<Scalar>& plan,
+                                                std::type_identity_t<const_rows_ref<Scalar>> x,
+                                                std::type_identity_t<const_rows_ref<Scalar>> dy,
+                                                const saved_activations<Scalar>* saved = nullptr) {
+  return gradients<Scalar>(*default_runner(), weights, plan, x, dy, saved);
 }
 
 /// Everything a training forward of a layer produces: the plan (backward needs it), y and,
@@ -81,7 +110,7 @@ struct training_forward {
   saved_activations<Scalar> saved;  ///< empty when activations were not kept
 };
 
-/// Routes x and runs the experts of `layer`, keeping the pre-activations when
+/// Routes x and runs the experts of `layer` on its runner, keeping the pre-activations when
 /// `keep_activations` (otherwise backward recomputes them).
 template <layer_configuration Config>
 [[nodiscard]] training_forward<typename Config::scalar> forward_for_training(const layer<Config>& layer,
@@ -92,21 +121,20 @@ template <layer_configuration Config>
   f.plan = layer.route(x);
   f.y.resize(x.rows(), layer.dims().hidden);
   if (keep_activations)
-    forward_saving<Scalar>(layer.weights(), f.plan, x, f.y, f.saved);
+    layer.forward_saving(f.plan, x, f.y, f.saved);
   else
     layer.forward(f.plan, x, f.y);
   return f;
 }
 
-/// backward() for a layer and what forward_for_training returned.
+/// backward() for a layer and what forward_for_training returned, on the layer's runner.
 template <layer_configuration Config>
 void backward(const layer<Config>& layer, const training_forward<typename Config::scalar>& forward,
               const_rows_ref<typename Config::scalar> x, const_rows_ref<typename Config::scalar> dy,
               const weights_span<typename Config::scalar>& grads, rows_ref<typename Config::scalar> dx) {
   using Scalar = typename Config::scalar;
-  detail::require(forward.plan.top_k == layer.config().top_k() && forward.plan.scale == layer.config().scale(),
-                  "grove: the routing plan was made with another top-k or scale than this layer's");
-  backward<Scalar>(layer.weights(), forward.plan, x, dy, grads, dx, forward.saved.empty() ? nullptr : &forward.saved);
+  layer.require_own_plan(forward.plan);
+  backward<Scalar>(layer.runner(), layer.weights(), forward.plan, x, dy, grads, dx, forward.saved.empty() ? nullptr : &forward.saved);
 }
 
 GROVE_END_NAMESPACE

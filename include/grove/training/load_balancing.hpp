@@ -10,10 +10,10 @@
 #include <vector>
 
 #include "grove/error.hpp"
-#include "grove/experts/layer_weights.hpp"
-#include "grove/experts/tensor_types.hpp"
+#include "grove/weights/layer_weights.hpp"
+#include "grove/weights/tensor_types.hpp"
 #include "grove/layer/activation_stats.hpp"
-#include "grove/router/routing_plan.hpp"
+#include "grove/plan/routing_plan.hpp"
 #include "grove/router/top_k.hpp"
 #include "grove/training/router_backward.hpp"
 

@@ -7,7 +7,7 @@
 
 #include "grove/config/dynamic.hpp"
 #include "grove/error.hpp"
-#include "grove/experts/tensor_types.hpp"
+#include "grove/weights/tensor_types.hpp"
 
 GROVE_BEGIN_NAMESPACE
 

@@ -4,9 +4,9 @@
 #include <type_traits>
 
 #include "grove/error.hpp"
-#include "grove/experts/layer_weights.hpp"
-#include "grove/experts/tensor_types.hpp"
-#include "grove/router/routing_plan.hpp"
+#include "grove/weights/layer_weights.hpp"
+#include "grove/weights/tensor_types.hpp"
+#include "grove/plan/routing_plan.hpp"
 
 GROVE_BEGIN_NAMESPACE
 

@@ -2,10 +2,10 @@
 
 #include "grove/config/layer_dims.hpp"
 #include "grove/error.hpp"
-#include "grove/experts/tensor_types.hpp"
+#include "grove/weights/tensor_types.hpp"
 #include "grove/kernels/cpu/batch_shapes.hpp"
-#include "grove/kernels/cpu/saved_activations.hpp"
-#include "grove/router/routing_plan.hpp"
+#include "grove/plan/saved_activations.hpp"
+#include "grove/plan/routing_plan.hpp"
 
 GROVE_BEGIN_NAMESPACE
 namespace detail {
@@ -27,7 +27,7 @@ bool blocks_overlap(const Scalar* a, index a_rows, index a_stride, const Scalar*
 template <class Scalar>
 void require_backward_inputs(const layer_dims& d, const routing_plan<Scalar>& plan, const_rows_ref<Scalar> x,
                              const_rows_ref<Scalar> dy, const rows_ref<Scalar>& dx, const layer_dims& grads_dims,
-                             const cpu::saved_activations<Scalar>* saved) {
+                             const saved_activations<Scalar>* saved) {
   require_batch_shapes(d, plan, x.rows(), x.cols(), "input x");
   require_batch_shapes(d, plan, dy.rows(), dy.cols(), "output gradient dy");
   require_batch_shapes(d, plan, dx.rows(), dx.cols(), "input gradient dx");

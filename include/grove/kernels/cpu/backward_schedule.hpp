@@ -7,11 +7,11 @@
 #include <vector>
 
 #include "grove/error.hpp"
-#include "grove/experts/layer_weights.hpp"
+#include "grove/weights/layer_weights.hpp"
 #include "grove/kernels/cpu/expert_schedule.hpp"
 
 GROVE_BEGIN_NAMESPACE
-namespace cpu {
+namespace detail {
 
 /// Rows [begin, end) of one item's weight gradient: of ∂D (H rows of `inter`) when `down`,
 /// otherwise of ∂G and ∂U together (`inter` rows of H). Each tile owns its rows outright.
@@ -101,5 +101,5 @@ class backward_schedule {
   std::size_t allocations_ = 0;
 };
 
-}  // namespace cpu
+}  // namespace detail
 GROVE_END_NAMESPACE

@@ -4,7 +4,7 @@
 
 #include "grove/config/layer_dims.hpp"
 #include "grove/error.hpp"
-#include "grove/router/routing_plan.hpp"
+#include "grove/plan/routing_plan.hpp"
 
 GROVE_BEGIN_NAMESPACE
 namespace detail {
@@ -18,9 +18,8 @@ void require_batch_shapes(const layer_dims& d, const routing_plan<Scalar>& plan,
   require(plan.experts == d.experts && plan.groups == d.groups && plan.group_size == d.group_size(),
           "grove: the routing plan was made for another layer (E or G differ)");
   require(rows == plan.tokens && cols == d.hidden,
-          std::string("grove: ") + what + " is [" + std::to_string(rows) + ", " + std::to_string(cols) +
-              "] but the plan and layer expect [" + std::to_string(plan.tokens) + ", " + std::to_string(d.hidden) +
-              "]");
+          "grove: ", what, " is [", rows, ", ", cols, "] but the plan and layer expect [", plan.tokens, ", ",
+          d.hidden, "]");
 }
 
 }  // namespace detail

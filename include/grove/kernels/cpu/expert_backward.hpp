@@ -8,22 +8,21 @@
 #include <vector>
 
 #include "grove/error.hpp"
-#include "grove/experts/layer_weights.hpp"
-#include "grove/experts/swiglu.hpp"
-#include "grove/experts/tensor_types.hpp"
+#include "grove/weights/layer_weights.hpp"
+#include "grove/weights/swiglu.hpp"
+#include "grove/weights/tensor_types.hpp"
 #include "grove/kernels/cpu/backward_inputs.hpp"
 #include "grove/kernels/cpu/batch_shapes.hpp"
-#include "grove/kernels/cpu/expert_engine.hpp"
 #include "grove/kernels/cpu/routing_weight_grads.hpp"
-#include "grove/kernels/cpu/saved_activations.hpp"
+#include "grove/plan/saved_activations.hpp"
 #include "grove/kernels/cpu/swiglu_batch.hpp"
-#include "grove/router/routing_plan.hpp"
+#include "grove/plan/routing_plan.hpp"
 
 GROVE_BEGIN_NAMESPACE
 namespace cpu {
 
-/// The plain version of forward_experts_saving: cpu::forward_experts_simple that also keeps
-/// the SwiGLU pre-activations for backward (the baseline and the path for double).
+/// cpu::forward_experts_simple that also keeps the SwiGLU pre-activations for backward (the
+/// baseline of the training forward and the path for fp64).
 template <class Scalar>
 void forward_experts_saving_simple(const std::type_identity_t<weights_view<Scalar>>& weights,
                                    const routing_plan<Scalar>& plan, std::type_identity_t<const_rows_ref<Scalar>> x,
@@ -47,30 +46,16 @@ void forward_experts_saving_simple(const std::type_identity_t<weights_view<Scala
   for (index j = 0; j < d.groups; ++j) run(weights.adjugate(j), plan.rows_of_adjugate(j), saved.adjugate_start(j));
 }
 
-/// The forward of cpu::forward_experts that also keeps the SwiGLU pre-activations for backward.
-/// y is written (not accumulated): y = Σ_s w_s E_{e_s}(x) + λ Σ_j c_j A_j(x). For float this is
-/// the fast engine (default_engine()), whose backward then reads them; otherwise the plain path.
-template <class Scalar>
-void forward_experts_saving(const std::type_identity_t<weights_view<Scalar>>& weights, const routing_plan<Scalar>& plan,
-                            std::type_identity_t<const_rows_ref<Scalar>> x, std::type_identity_t<rows_ref<Scalar>> y,
-                            saved_activations<Scalar>& saved) {
-  if constexpr (std::is_same_v<Scalar, float>)
-    default_engine().forward_saving(weights, plan, x, y, saved);
-  else
-    forward_experts_saving_simple<Scalar>(weights, plan, x, y, saved);
-}
-
 /// Backward of every routed expert and every activated adjugate of a plan (docs/math.md,
 /// "Backward"). Accumulates the expert and adjugate weight gradients into `grads` and the
 /// experts' share of dx into `dx`; writes `dw` [T, k], the gradient of each routing weight w_s:
 ///   dw_s = ⟨dy, E_{e_s}(x)⟩ + λ ⟨dy, A_{e_s / group_size}(x)⟩.
 /// Each adjugate runs once per token, over the plan's deduplicated adjugate rows, as in the
-/// forward. `saved` (from forward_experts_saving with this plan) skips recomputing the
+/// forward. `saved` (from a training forward of this plan) skips recomputing the
 /// gate/up products; nullptr recomputes them. The router is not touched here.
 ///
 /// This is the plain version (per-item Eigen products on the calling thread): the baseline of
-/// the fast engine's backward and the path for double. backward_experts picks the engine for
-/// float.
+/// cpu_runner's fused backward and its path for fp64.
 template <class Scalar>
 void backward_experts_simple(const std::type_identity_t<weights_view<Scalar>>& weights,
                              const routing_plan<Scalar>& plan, std::type_identity_t<const_rows_ref<Scalar>> x,
@@ -110,20 +95,6 @@ void backward_experts_simple(const std::type_identity_t<weights_view<Scalar>>& w
         group_dots);
 
   detail::add_adjugate_dots(plan, group_dots, dw);
-}
-
-/// Backward of the experts of a plan: backward_experts_simple's contract. For float this is the
-/// fast engine (default_engine().backward: fused tiles on every thread, bitwise identical for
-/// any thread count); other scalar types run backward_experts_simple.
-template <class Scalar>
-void backward_experts(const std::type_identity_t<weights_view<Scalar>>& weights, const routing_plan<Scalar>& plan,
-                      std::type_identity_t<const_rows_ref<Scalar>> x, std::type_identity_t<const_rows_ref<Scalar>> dy,
-                      const saved_activations<Scalar>* saved, const std::type_identity_t<weights_span<Scalar>>& grads,
-                      std::type_identity_t<rows_ref<Scalar>> dx, row_matrix<Scalar>& dw) {
-  if constexpr (std::is_same_v<Scalar, float>)
-    default_engine().backward(weights, plan, x, dy, saved, grads, dx, dw);
-  else
-    backward_experts_simple<Scalar>(weights, plan, x, dy, saved, grads, dx, dw);
 }
 
 }  // namespace cpu

@@ -11,21 +11,22 @@
 #include <Eigen/Core>
 
 #include "grove/error.hpp"
-#include "grove/experts/layer_weights.hpp"
-#include "grove/router/routing_plan.hpp"
+#include "grove/weights/layer_weights.hpp"
+#include "grove/plan/routing_plan.hpp"
 
 GROVE_BEGIN_NAMESPACE
-namespace cpu {
 
 /// Tile sizes of the fused expert pass (docs/performance.md, "Schedule"). A gate/up tile is
 /// (item, ≤ gate_up_rows of its rows, ≤ gate_up_cols of its intermediate columns); a down tile
 /// is ≤ down_cols columns of y over every item. The defaults keep a tile's weight panel in L2.
-/// expert_engine takes gate_up_rows and gate_up_cols up to 64 (a tile's scratch is on the stack).
+/// The CPU runner takes gate_up_rows and gate_up_cols up to 64 (a tile's scratch is on the stack).
 struct schedule_shape {
   index gate_up_rows = 64;
   index gate_up_cols = 32;
   index down_cols = 64;
 };
+
+namespace detail {
 
 /// How the kernels see a weight element: float, or the bits of a bf16 (Eigen::bfloat16 is a
 /// standard-layout wrapper of one unsigned short).
@@ -151,7 +152,7 @@ class expert_schedule {
   std::size_t allocations_ = 0;
 };
 
-}  // namespace cpu
+}  // namespace detail
 
 namespace detail {
 

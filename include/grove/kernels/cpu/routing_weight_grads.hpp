@@ -2,8 +2,8 @@
 
 #include <cstdint>
 
-#include "grove/experts/tensor_types.hpp"
-#include "grove/router/routing_plan.hpp"
+#include "grove/weights/tensor_types.hpp"
+#include "grove/plan/routing_plan.hpp"
 
 GROVE_BEGIN_NAMESPACE
 namespace detail {

@@ -4,10 +4,10 @@
 #include <span>
 #include <vector>
 
-#include "grove/experts/layer_weights.hpp"
-#include "grove/experts/swiglu.hpp"
-#include "grove/experts/tensor_types.hpp"
-#include "grove/router/routing_plan.hpp"
+#include "grove/weights/layer_weights.hpp"
+#include "grove/weights/swiglu.hpp"
+#include "grove/weights/tensor_types.hpp"
+#include "grove/plan/routing_plan.hpp"
 
 GROVE_BEGIN_NAMESPACE
 // The per-batch pieces of the plain (Eigen) expert pass, shared by the simple forward, the

@@ -10,7 +10,7 @@
 #include "grove/error.hpp"
 
 GROVE_BEGIN_NAMESPACE
-namespace cpu {
+namespace detail {
 
 /// A fixed set of worker threads that run one parallel region at a time: run(fn) calls
 /// fn(thread_index) once on every thread (the caller is thread 0) and returns when all have
@@ -93,5 +93,5 @@ class thread_pool {
   bool stop_ = false;
 };
 
-}  // namespace cpu
+}  // namespace detail
 GROVE_END_NAMESPACE

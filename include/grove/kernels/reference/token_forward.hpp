@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "grove/error.hpp"
-#include "grove/experts/layer_weights.hpp"
-#include "grove/experts/tensor_types.hpp"
+#include "grove/weights/layer_weights.hpp"
+#include "grove/weights/tensor_types.hpp"
 #include "grove/router/route.hpp"
 
 GROVE_BEGIN_NAMESPACE

@@ -1,6 +1,6 @@
 // The generic tile kernels of the fused CPU backward (docs/performance.md, "Backward"), written
 // once against simd::batch<float, Arch> and compiled once per instruction-set level, like
-// expert_tiles-inl.hpp: expert_engine.hpp includes this file (no include guard, on purpose) with
+// expert_tiles-inl.hpp: kernel_table.hpp includes this file (no include guard, on purpose) with
 // GROVE_TILES_NS naming the namespace and GROVE_TILES_ARCH the architecture tag.
 //
 // Every product of the backward has one of two shapes, each with its own micro-kernel:
@@ -13,8 +13,10 @@
 //
 // No lambdas here: clang's target pragma does not reach them.
 
+#include "grove/kernels/cpu/tile_contract.hpp"
+
 #ifndef GROVE_TILES_NS
-#include "grove/kernels/cpu/expert_engine.hpp"
+#error "compiled once per instruction set by grove/kernels/cpu/kernel_table.hpp: include that instead"
 #else
 
 GROVE_BEGIN_NAMESPACE
@@ -63,9 +65,9 @@ inline void store_cols(const fbatch& value, float* p, int v, index width) {
 /// Rows k of a panel per pass of panel_product: a chunk of a tile's panel (64 columns; dual:
 /// of both panels) packed contiguously takes 16 KiB (backward_schedule::pack_floats), so it
 /// stays in L1 while every row block of the tile runs over it.
-constexpr index panel_chunk_rows = cpu::backward_schedule::pack_floats / 64;
+constexpr index panel_chunk_rows = detail::backward_schedule::pack_floats / 64;
 constexpr index panel_chunk_rows_dual = panel_chunk_rows / 2;
-static_assert(cpu::backward_schedule::block_cols == 64, "the packed chunks are sized for blocks of 64 columns");
+static_assert(detail::backward_schedule::block_cols == 64, "the packed chunks are sized for blocks of 64 columns");
 
 /// out_m[v] += Σ_{k0 ≤ k < k1} a[m][k]·B[k][v] (+ a2[m][k]·B2[k][v] when Dual) for M rows and
 /// the first `width` ≤ block_cols columns (PartialCols: width < block_cols). The accumulators
@@ -284,7 +286,7 @@ void outer_accumulate_rows(const outer_rows& s, float* c, float* c2, index ldc, 
 ///   h = silu(g)·u, partial ⟨r, h⟩ of the block (summed over blocks later, in order),
 ///   dh = w·r, dg = dh·u·silu'(g), du = dh·silu(g), and w·h (for ∂D).
 template <class Pass, class Item>
-void dh_block(const Pass& pass, const Item& item, const cpu::gate_up_tile& tile, float* pack) {
+void dh_block(const Pass& pass, const Item& item, const detail::gate_up_tile& tile, float* pack) {
   const index inter = item.inter, H = pass.hidden;
   const int rows = tile.row_end - tile.row_begin;
   const index width = tile.col_end - tile.col_begin;
@@ -335,18 +337,18 @@ void dh_block(const Pass& pass, const Item& item, const cpu::gate_up_tile& tile,
       (dh * u * (sig * (one + g * (one - sig)))).store_partial(pass.dg + at + j, n);
       (wv * h).store_partial(pass.hw + at + j, n);
     }
-    pass.dots[(item.first_row + row) * pass.dot_blocks + tile.col_begin / cpu::backward_schedule::block_cols] =
+    pass.dots[(item.first_row + row) * pass.dot_blocks + tile.col_begin / detail::backward_schedule::block_cols] =
         simd::reduce_add(dot);
   }
 }
 
 /// A dh tile: its blocks of 64 columns one after the other (the tile's rows of dy stay cached).
 template <class Pass>
-void dh_tile(const Pass& pass, const cpu::gate_up_tile& tile, float* pack) {
+void dh_tile(const Pass& pass, const detail::gate_up_tile& tile, float* pack) {
   const auto& item = pass.items[tile.item];
-  constexpr auto block = static_cast<std::int32_t>(cpu::backward_schedule::block_cols);
+  constexpr auto block = static_cast<std::int32_t>(detail::backward_schedule::block_cols);
   for (std::int32_t c = tile.col_begin; c < tile.col_end; c += block) {
-    cpu::gate_up_tile part = tile;
+    detail::gate_up_tile part = tile;
     part.col_begin = c;
     part.col_end = tile.col_end - c < block ? tile.col_end : c + block;
     dh_block(pass, item, part, pack);
@@ -355,7 +357,7 @@ void dh_tile(const Pass& pass, const cpu::gate_up_tile& tile, float* pack) {
 
 /// A weight-gradient tile: rows [begin, end) of ∂D_e (Down) or of ∂G_e and ∂U_e together.
 template <class Pass>
-void gradient_tile(const Pass& pass, const cpu::gradient_tile& tile) {
+void gradient_tile(const Pass& pass, const detail::gradient_tile& tile) {
   const auto& item = pass.items[tile.item];
   const auto& grad = pass.grads[tile.item];
   const index inter = item.inter;
@@ -415,7 +417,7 @@ void dx_tile(const Pass& pass, index tile, float* pack) {
   const index H = pass.hidden;
   const index c_begin = tile * pass.dx_cols;
   const index c_end = H - c_begin < pass.dx_cols ? H : c_begin + pass.dx_cols;
-  constexpr index block = cpu::backward_schedule::block_cols;
+  constexpr index block = detail::backward_schedule::block_cols;
   for (index i = 0; i < pass.item_count; ++i)
     for (index c0 = c_begin; c0 < c_end; c0 += block)
       dx_block(pass, pass.items[i], c0, c_end - c0 < block ? c_end - c0 : block, pack);

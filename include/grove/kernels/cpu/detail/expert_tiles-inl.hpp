@@ -1,8 +1,7 @@
 // The generic tile kernels of the fused CPU expert pass, written once against
-// simd::batch<float, Arch> and compiled once per instruction-set level: expert_engine.hpp
+// simd::batch<float, Arch> and compiled once per instruction-set level: kernel_table.hpp
 // includes this file (no include guard, on purpose) with GROVE_TILES_NS naming the namespace
 // and GROVE_TILES_ARCH the architecture tag, inside a GROVE_SIMD_BEGIN_REGION for that level.
-// Included on its own it just brings in expert_engine.hpp, which includes it properly.
 //
 // Kernels (docs/performance.md, "Kernels"):
 //  - dot_block<P, MR, NR>: the register-blocked micro-kernel. MR rows of activations against NR
@@ -19,8 +18,10 @@
 //
 // No lambdas here: clang's target pragma does not reach them.
 
+#include "grove/kernels/cpu/tile_contract.hpp"
+
 #ifndef GROVE_TILES_NS
-#include "grove/kernels/cpu/expert_engine.hpp"
+#error "compiled once per instruction set by grove/kernels/cpu/kernel_table.hpp: include that instead"
 #else
 
 GROVE_BEGIN_NAMESPACE
@@ -294,8 +295,8 @@ void gate_up_block(const typename P::a_type* const* a, const typename P::w_type*
 /// once, the next panel prefetched while it runs, spread over its row blocks), every row block; then
 /// SwiGLU of the tile into h.
 template <class P, int NR, class Pass>
-void gate_up_panels(const Pass& pass, const cpu::expert_item<typename P::w_type>& item, const cpu::gate_up_tile& tile,
-                    const cpu::gate_up_tile* following) {
+void gate_up_panels(const Pass& pass, const detail::expert_item<typename P::w_type>& item, const detail::gate_up_tile& tile,
+                    const detail::gate_up_tile* following) {
   using w_ptr = const typename P::w_type*;
   constexpr int MR = NR == gate_up_cols(1) ? 1 : NR == gate_up_cols(2) ? 2 : NR == gate_up_cols(3) ? 3 : max_rows;
   const index H = pass.hidden;
@@ -374,11 +375,11 @@ void gate_up_panels(const Pass& pass, const cpu::expert_item<typename P::w_type>
 /// One gate/up tile (rows ≤ max_tile_rows, columns ≤ max_tile_cols); `following` (or null) is
 /// the tile the calling thread runs next, whose first panel is prefetched at the end of this one.
 template <class Pass>
-void gate_up_tile(const Pass& pass, const cpu::gate_up_tile& tile, const cpu::gate_up_tile* following) {
+void gate_up_tile(const Pass& pass, const detail::gate_up_tile& tile, const detail::gate_up_tile* following) {
   using A = std::remove_const_t<std::remove_pointer_t<decltype(pass.x)>>;
   using W = std::remove_const_t<std::remove_pointer_t<decltype(pass.items->gate)>>;
   using P = typename operands_for<A, W>::type;
-  const cpu::expert_item<W>& item = pass.items[tile.item];
+  const detail::expert_item<W>& item = pass.items[tile.item];
   const int rows = tile.row_end - tile.row_begin;
   if (rows >= max_rows)
     gate_up_panels<P, gate_up_cols(max_rows)>(pass, item, tile, following);
@@ -407,8 +408,8 @@ void down_block(const typename P::a_type* const* a, const typename P::w_type* co
 
 /// An item's rows against y's columns [c_begin, c_end), in panels of NR down-projection rows.
 template <class P, int NR, class Pass>
-void down_panels(const Pass& pass, const cpu::expert_item<typename P::w_type>& item, index c_begin, index c_end,
-                 const cpu::expert_item<typename P::w_type>* following, index following_col) {
+void down_panels(const Pass& pass, const detail::expert_item<typename P::w_type>& item, index c_begin, index c_end,
+                 const detail::expert_item<typename P::w_type>* following, index following_col) {
   using w_ptr = const typename P::w_type*;
   constexpr int MR = NR == down_cols(1) ? 1 : NR == down_cols(2) ? 2 : NR == down_cols(3) ? 3 : max_rows;
   const index K = item.inter;
@@ -473,8 +474,8 @@ void down_tile(const Pass& pass, index tile, index following) {
   for (index t = 0; t < pass.tokens; ++t)
     for (index c = c_begin; c < c_end; ++c) pass.y[t * pass.ldy + c] = 0.0f;
   for (index i = 0; i < pass.item_count; ++i) {
-    const cpu::expert_item<W>& item = pass.items[i];
-    const cpu::expert_item<W>* next_item = nullptr;
+    const detail::expert_item<W>& item = pass.items[i];
+    const detail::expert_item<W>* next_item = nullptr;
     index next_col = c_begin;
     if (i + 1 < pass.item_count) {
       next_item = &pass.items[i + 1];

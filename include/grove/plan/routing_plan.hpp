@@ -5,7 +5,7 @@
 #include <vector>
 
 #include "grove/config/dynamic.hpp"
-#include "grove/experts/tensor_types.hpp"
+#include "grove/weights/tensor_types.hpp"
 
 GROVE_BEGIN_NAMESPACE
 
@@ -24,7 +24,10 @@ struct dispatch_row {
 /// every expert kernel, the backward pass and every backend. It holds the per-token view
 /// (logits, picks, weights, distinct groups) and the per-expert view (which rows each routed
 /// expert and each activated adjugate processes), built by counting sort so that no adjugate
-/// appears twice for a token. See docs/plan.md.
+/// appears twice for a token (docs/routing.md, "The routing plan").
+///
+/// A plan can be routed again in place (grove::route_into): its storage is reused, so a steady
+/// stream of batches of one size allocates nothing.
 template <class Scalar>
 struct routing_plan {
   index tokens = 0;
@@ -47,6 +50,13 @@ struct routing_plan {
   std::vector<dispatch_row<Scalar>> expert_rows;    ///< T·k rows, grouped by expert, tokens ascending
   std::vector<index> adjugate_offsets;              ///< [G + 1]
   std::vector<dispatch_row<Scalar>> adjugate_rows;  ///< Σ n_g rows, grouped by adjugate, tokens ascending
+
+  /// Scratch of route_into (top-k scores and counting-sort cursors), kept so that routing into a
+  /// reused plan allocates nothing. Not part of the plan's value.
+  struct routing_scratch {
+    std::vector<Scalar> scores;
+    std::vector<index> cursor;
+  } scratch;
 
   /// The most distinct groups a token can touch: min(k, G).
   [[nodiscard]] index max_groups() const { return top_k < groups ? top_k : groups; }

@@ -3,6 +3,7 @@
 //
 //   grove run  --weights PATH --prefix PREFIX --input IN.safetensors --output OUT.safetensors
 //              [--top-k K] [--scale LAMBDA] [--config config.json] [--backward]
+//              [--dtype f32|bf16] [--threads N] [--isa scalar|avx2|avx512|avx512_bf16]
 //   grove info --weights PATH --prefix PREFIX [--config config.json]
 //   grove upcycle --weights PATH --prefix PREFIX --groups G --adjugate-size Ia --out OUT.safetensors [--seed N]
 //
@@ -44,6 +45,9 @@ struct run_options {
   bool top_k_given = false;
   bool scale_given = false;
   bool backward = false;
+  std::string dtype = "f32";  ///< the weights in memory: f32 or bf16
+  int threads = 0;            ///< 0: every hardware thread
+  std::string isa;            ///< empty: the best this machine runs
 };
 
 struct info_options {
@@ -79,6 +83,15 @@ routing_choice choose_routing(const std::optional<io::hf_config>& config, std::o
   pick(cli_top_k, config ? config->top_k : std::nullopt, c.top_k, c.top_k_source);
   pick(cli_scale, config ? config->scale : std::nullopt, c.scale, c.scale_source);
   return c;
+}
+
+/// Bytes in MiB with one decimal ("1248.5 MiB").
+std::string format_mib(std::size_t bytes) {
+  std::ostringstream s;
+  s.setf(std::ios::fixed);
+  s.precision(1);
+  s << static_cast<double>(bytes) / (1024.0 * 1024.0) << " MiB";
+  return s.str();
 }
 
 /// The shortest decimal that reads back as `v` ("0.05", not "0.050000000000000003").
@@ -151,7 +164,7 @@ struct backward_outputs {
 /// The gradients of L = <dy, y> from the same plan the forward used (docs/training.md).
 backward_outputs compute_backward(const cli_layer& layer, const grove::routing_plan<float>& plan, const matrix& x,
                                   const matrix& dy) {
-  grove::layer_gradients<float> g = grove::gradients<float>(layer.weights(), plan, x, dy);
+  grove::layer_gradients<float> g = grove::gradients<float>(layer.runner(), layer.weights(), plan, x, dy);
   return {std::move(g.input), std::move(g.weights)};
 }
 
@@ -191,10 +204,25 @@ int run_command(const run_options& o) {
                          " rows but 'x' has " + std::to_string(x.rows()));
   }
 
-  const cli_layer layer(std::move(layer_config), io::load_layer<float>(weights, o.prefix));
-  const grove::routing_plan<float> plan = layer.route(x);
+  grove::cpu_runner_options runner_options;
+  runner_options.threads = o.threads;
+  if (!o.isa.empty()) runner_options.isa = grove::simd::parse_isa(o.isa);
+  auto runner = std::make_shared<grove::cpu_runner>(runner_options);  // throws if this CPU lacks the --isa
+
+  grove::routing_plan<float> plan;
   matrix y(x.rows(), dims.hidden);
-  layer.forward(plan, x, y);
+  std::optional<backward_outputs> gradients;
+  if (o.dtype == "bf16") {
+    // BF16 weights, decoded straight from the checkpoint; the router and its logits stay fp32.
+    const grove::bf16_weights w = io::load_layer_bf16(weights, o.prefix);
+    grove::route_into(plan, w.routing_view(), grove::routing_options{top_k, scale}, x);
+    runner->forward(w.view(), plan, x, y);
+  } else {
+    const cli_layer layer(std::move(layer_config), io::load_layer<float>(weights, o.prefix), runner);
+    layer.route_into(plan, x);
+    layer.forward(plan, x, y);
+    if (o.backward) gradients = compute_backward(layer, plan, x, *dy);
+  }
 
   io::safetensors_writer out;
   out.set_metadata("format", "pt");
@@ -206,7 +234,7 @@ int run_command(const run_options& o) {
   add_matrix(out, "router_logits", plan.logits);
   add_matrix(out, "topk_ids", plan.topk_ids);
   add_matrix(out, "topk_weights", plan.topk_weights);
-  if (o.backward) add_backward_outputs(out, compute_backward(layer, plan, x, *dy), o.prefix);
+  if (gradients) add_backward_outputs(out, *gradients, o.prefix);
   out.write(o.output);
 
   std::cout << "grove: wrote " << quoted(o.output) << ": y [" << y.rows() << ", " << y.cols()
@@ -276,6 +304,11 @@ int info_command(const info_options& o) {
   const index router = d.experts * d.hidden;
   const index experts = d.experts * 3 * d.hidden * d.expert_intermediate;
   const index adjugates = d.groups * 3 * d.hidden * d.adjugate_intermediate;
+  std::cout << "memory of the weights in each format (grove run --dtype)\n";
+  std::cout << "  f32  = " << grove::layer_parameters<float>::bytes_for(d) << " bytes (" << format_mib(grove::layer_parameters<float>::bytes_for(d))
+            << ")  every tensor and the bias in fp32\n";
+  std::cout << "  bf16 = " << grove::bf16_weights::bytes_for(d) << " bytes (" << format_mib(grove::bf16_weights::bytes_for(d))
+            << ")  tensors in bf16, plus an fp32 copy of the router and the fp32 bias for routing\n";
   std::cout << "parameters\n";
   std::cout << "  total = " << grove::total_parameters(d) << "  (router " << router << " + experts " << experts
             << " + adjugates " << adjugates << "; expert_bias not counted)\n";
@@ -332,6 +365,12 @@ int main(int argc, char** argv) {
   CLI::Option* scale_opt = run_cmd->add_option("--scale", run.scale, "adjugate scale lambda (default 0.05)");
   run_cmd->add_option("--config", run.config, "Hugging Face config.json: k and lambda when present there");
   run_cmd->add_flag("--backward", run.backward, "also compute dx and weight gradients from dy in the input");
+  run_cmd->add_option("--dtype", run.dtype, "weights in memory: f32 (default) or bf16 (half the bytes; no --backward)")
+      ->check(CLI::IsMember({"f32", "bf16"}));
+  run_cmd->add_option("--threads", run.threads, "threads of the CPU runner (default: every hardware thread)")
+      ->check(CLI::Range(1, 4096));
+  run_cmd->add_option("--isa", run.isa, "instruction set of the kernels (default: the best this CPU runs)")
+      ->check(CLI::IsMember({"scalar", "avx2", "avx512", "avx512_bf16"}));
 
   info_options info;
   CLI::App* info_cmd = app.add_subcommand("info", "Print a layer's configuration and parameter counts");
@@ -362,6 +401,11 @@ int main(int argc, char** argv) {
 
   try {
     if (run_cmd->parsed()) {
+      if (run.backward && run.dtype != "f32") {
+        print_error("usage: --backward needs --dtype f32 (grove has no BF16 backward yet)");
+        std::cerr << "Run 'grove run --help' for the options.\n";
+        return 2;
+      }
       run.top_k_given = top_k_opt->count() > 0;
       run.scale_given = scale_opt->count() > 0;
       return run_command(run);

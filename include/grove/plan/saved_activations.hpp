@@ -4,11 +4,10 @@
 #include <vector>
 
 #include "grove/config/layer_dims.hpp"
-#include "grove/experts/tensor_types.hpp"
-#include "grove/router/routing_plan.hpp"
+#include "grove/weights/tensor_types.hpp"
+#include "grove/plan/routing_plan.hpp"
 
 GROVE_BEGIN_NAMESPACE
-namespace cpu {
 
 /// What a training forward keeps for backward: the SwiGLU pre-activations `g = G x` and
 /// `u = U x` of every row the plan dispatched. Rows are in the plan's order, routed experts'
@@ -65,5 +64,4 @@ struct saved_activations {
   [[nodiscard]] std::size_t bytes() const { return sizeof(Scalar) * (gate.size() + up.size()); }
 };
 
-}  // namespace cpu
 GROVE_END_NAMESPACE

@@ -8,9 +8,9 @@
 
 #include "grove/config/layer_dims.hpp"
 #include "grove/error.hpp"
-#include "grove/experts/layer_parameters.hpp"
-#include "grove/experts/layer_weights.hpp"
-#include "grove/experts/random.hpp"
+#include "grove/weights/layer_parameters.hpp"
+#include "grove/weights/layer_weights.hpp"
+#include "grove/weights/random.hpp"
 
 GROVE_BEGIN_NAMESPACE
 

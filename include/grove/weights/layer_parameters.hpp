@@ -6,8 +6,8 @@
 #include <vector>
 
 #include "grove/config/layer_dims.hpp"
-#include "grove/experts/layer_weights.hpp"
-#include "grove/experts/random.hpp"
+#include "grove/weights/layer_weights.hpp"
+#include "grove/weights/random.hpp"
 
 GROVE_BEGIN_NAMESPACE
 
@@ -46,6 +46,13 @@ class layer_parameters {
   /// The selection bias b, [E].
   [[nodiscard]] std::span<Scalar> bias() { return bias_; }
   [[nodiscard]] std::span<const Scalar> bias() const { return bias_; }
+
+  /// Bytes held: every tensor and the bias, in Scalar.
+  [[nodiscard]] std::size_t bytes() const { return (values_.size() + bias_.size()) * sizeof(Scalar); }
+  /// What bytes() is for a layer of these dims.
+  [[nodiscard]] static std::size_t bytes_for(const layer_dims& dims) {
+    return static_cast<std::size_t>(total_parameters(dims) + dims.experts) * sizeof(Scalar);
+  }
 
   /// Sets every trainable weight to zero (gradients between steps); the bias is untouched.
   void zero_values() { std::fill(values_.begin(), values_.end(), Scalar(0)); }

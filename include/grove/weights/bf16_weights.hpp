@@ -14,22 +14,10 @@
 
 #include "grove/config/layer_dims.hpp"
 #include "grove/error.hpp"
-#include "grove/experts/layer_weights.hpp"
-#include "grove/simd/scalar.hpp"
+#include "grove/weights/layer_weights.hpp"
+#include "grove/weights/bf16.hpp"
 
 GROVE_BEGIN_NAMESPACE
-
-/// bfloat16 storage type: Eigen's, so that a weights_view<bf16> has ordinary Eigen maps.
-using bf16 = Eigen::bfloat16;
-
-/// float -> bf16, rounding to nearest even (PyTorch's `.to(torch.bfloat16)`).
-[[nodiscard]] inline bf16 to_bf16(float value) {
-  return Eigen::numext::bit_cast<bf16>(simd::float_to_bf16_bits(value));
-}
-/// bf16 -> float, exact.
-[[nodiscard]] inline float to_float(bf16 value) {
-  return simd::bf16_bits_to_float(Eigen::numext::bit_cast<std::uint16_t>(value));
-}
 
 namespace detail {
 
@@ -82,7 +70,7 @@ struct huge_page_allocator {
 ///
 ///   grove::bf16_weights w = grove::bf16_weights::from(params.view());
 ///   auto plan = grove::route(w.routing_view(), {k, lambda}, x);
-///   grove::cpu::forward_experts(w.view(), plan, x, y);
+///   runner.forward(w.view(), plan, x, y);  // any grove::runner, e.g. a grove::cpu_runner
 class bf16_weights {
  public:
   bf16_weights() = default;
@@ -140,6 +128,11 @@ class bf16_weights {
   /// Bytes held: bf16 tensors, the fp32 router copy and the bias.
   [[nodiscard]] std::size_t bytes() const {
     return values_.size() * sizeof(bf16) + (router_.size() + bias_.size()) * sizeof(float);
+  }
+  /// What bytes() is for a layer of these dims.
+  [[nodiscard]] static std::size_t bytes_for(const layer_dims& dims) {
+    return static_cast<std::size_t>(total_parameters(dims)) * sizeof(bf16) +
+           static_cast<std::size_t>(dims.experts * dims.hidden + dims.experts) * sizeof(float);
   }
 
  private:

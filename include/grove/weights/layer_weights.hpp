@@ -6,7 +6,7 @@
 
 #include "grove/config/layer_dims.hpp"
 #include "grove/error.hpp"
-#include "grove/experts/tensor_types.hpp"
+#include "grove/weights/tensor_types.hpp"
 
 GROVE_BEGIN_NAMESPACE
 

@@ -1,0 +1,353 @@
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <thread>
+#include <type_traits>
+
+#include "grove/error.hpp"
+#include "grove/weights/bf16_weights.hpp"
+#include "grove/weights/layer_weights.hpp"
+#include "grove/weights/tensor_types.hpp"
+#include "grove/kernels/cpu/backward_inputs.hpp"
+#include "grove/kernels/cpu/backward_schedule.hpp"
+#include "grove/kernels/cpu/batch_shapes.hpp"
+#include "grove/kernels/cpu/expert_schedule.hpp"
+#include "grove/kernels/cpu/kernel_table.hpp"
+#include "grove/kernels/cpu/routing_weight_grads.hpp"
+#include "grove/plan/saved_activations.hpp"
+#include "grove/kernels/cpu/thread_pool.hpp"
+#include "grove/plan/routing_plan.hpp"
+#include "grove/plan/pass_requests.hpp"
+
+GROVE_BEGIN_NAMESPACE
+
+/// Wall-clock seconds of the phases of a CPU runner's last pass (forward or backward).
+struct pass_timings {
+  double stage = 0;      ///< staging x (copy or bf16 rounding into the padded buffer)
+  double gate_up = 0;    ///< gate/up tiles (with SwiGLU; in backward: recomputing g and u)
+  double down = 0;       ///< down tiles (with the scatter-add)
+  double dh = 0;         ///< backward: dh tiles (Dᵀ dy and the SwiGLU backward)
+  double gradients = 0;  ///< backward: dx tiles and weight-gradient tiles
+};
+
+namespace detail {
+
+/// Row stride (in elements) of a staging buffer: whole cache lines, and one line more when the
+/// row would be a multiple of 1 KiB (rows at power-of-two strides all map to the same L1 sets).
+inline index padded_stride(index hidden, index element_bytes) {
+  const index per_line = 64 / element_bytes;
+  index ld = (hidden + per_line - 1) / per_line * per_line;
+  if ((ld * element_bytes) % 1024 == 0) ld += per_line;
+  return ld;
+}
+
+/// The fused CPU expert pass (docs/performance.md) behind grove::cpu_runner: one pass over
+/// every routed expert and every activated adjugate of a routing_plan, with fp32 or BF16
+/// weights, and the fused backward on the same schedule.
+///
+/// Per batch it builds an expert_schedule from the plan (items: routed experts and adjugates
+/// alike; tiles), stages x in a padded buffer (bf16 for vdpbf16ps), then runs two parallel
+/// regions: gate/up tiles (gather rows, gate and up products, SwiGLU into h) and down tiles
+/// (down product and weighted scatter-add into a block of y's columns, items in a fixed order).
+/// Results are bitwise identical for every thread count and every run; they depend on the
+/// instruction-set level (each level sums in its own fixed order).
+///
+/// The engine owns its threads and a workspace that grows to the largest batch seen and is then
+/// reused: a steady stream of batches allocates nothing. It is not thread-safe: cpu_runner
+/// serialises the calls.
+class cpu_engine {
+ public:
+  cpu_engine(int threads, simd::isa level, const schedule_shape& shape) {
+    set_shape(shape);
+    set_threads(threads);
+    set_isa(level);
+  }
+
+  /// The forward of `request` with fp32 or BF16 weights (BF16: fp32 accumulation; with
+  /// AVX512_BF16 the activations x and h are rounded to bf16 for vdpbf16ps, otherwise the
+  /// weights are widened to fp32).
+  template <class W>
+  void forward(const expert_forward<W>& request) {
+    const layer_dims& d = request.weights.dims();
+    require_batch_shapes(d, request.plan, request.x.rows(), request.x.cols(), "input x");
+    require_batch_shapes(d, request.plan, request.y.rows(), request.y.cols(), "output y");
+    if constexpr (std::is_same_v<W, float>) {
+      schedule_f32_.build(request.weights, request.plan, shape_);
+      float* gate_out = nullptr;
+      float* up_out = nullptr;
+      if (request.saved != nullptr) {
+        request.saved->reset(d, request.plan);
+        gate_out = request.saved->gate.data();
+        up_out = request.saved->up.data();
+      }
+      run_pass<float, float, float>(schedule_f32_, request.x, request.y, x_f32_, h_f32_, gate_out, up_out);
+    } else {
+      require(request.saved == nullptr,
+              "grove: a training forward needs fp32 weights (there is no BF16 backward yet)");
+      schedule_bf16_.build(request.weights, request.plan, shape_);
+      if (kernels_->bf16_dot.gate_up != nullptr)
+        run_pass<std::uint16_t, std::uint16_t, std::uint16_t>(schedule_bf16_, request.x, request.y, x_bf16_, h_bf16_);
+      else
+        run_pass<float, std::uint16_t, float>(schedule_bf16_, request.x, request.y, x_f32_, h_f32_);
+    }
+  }
+
+  /// The fused backward of `request` (docs/performance.md, "Backward"), fp32.
+  void backward(const expert_backward<float>& request);
+
+  [[nodiscard]] int threads() const { return pool_->size(); }
+  /// Replaces the thread pool when the count changes (allocates; not for the steady state).
+  void set_threads(int threads) {
+    if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    if (!pool_ || pool_->size() != threads) pool_ = std::make_unique<thread_pool>(threads);
+  }
+  [[nodiscard]] simd::isa isa() const { return kernels_->level; }
+  /// Forces an instruction-set level; throws grove::error when this machine cannot run it.
+  void set_isa(simd::isa level) {
+    simd::require_supported(level);
+    kernels_ = &kernels_for(level);
+  }
+  [[nodiscard]] const schedule_shape& shape() const { return shape_; }
+  void set_shape(const schedule_shape& shape) {
+    require(shape.gate_up_rows >= 1 && shape.gate_up_rows <= 64 && shape.gate_up_cols >= 1 &&
+                shape.gate_up_cols <= 64 && shape.down_cols >= 1,
+            "grove: schedule_shape needs gate_up_rows and gate_up_cols in [1, 64] and down_cols >= 1, got (",
+            shape.gate_up_rows, ", ", shape.gate_up_cols, ", ", shape.down_cols, ")");
+    shape_ = shape;
+  }
+  [[nodiscard]] const pass_timings& last_timings() const { return timings_; }
+
+  [[nodiscard]] std::size_t workspace_bytes() const {
+    return x_f32_.bytes() + x_bf16_.bytes() + h_f32_.bytes() + h_bf16_.bytes() + schedule_f32_.bytes() +
+           schedule_bf16_.bytes() + gate_.bytes() + up_.bytes() + dg_.bytes() + du_.bytes() + dots_.bytes() +
+           pack_.bytes() + backward_schedule_.bytes() + sizeof(float) * static_cast<std::size_t>(group_dots_.size());
+  }
+  [[nodiscard]] std::size_t workspace_allocations() const {
+    return x_f32_.allocations() + x_bf16_.allocations() + h_f32_.allocations() + h_bf16_.allocations() +
+           schedule_f32_.allocations() + schedule_bf16_.allocations() + gate_.allocations() + up_.allocations() +
+           dg_.allocations() + du_.allocations() + dots_.allocations() + pack_.allocations() +
+           backward_schedule_.allocations();
+  }
+
+ private:
+  /// Stages x [T, H] into the padded buffer (bf16 for vdpbf16ps); rows split over the threads
+  /// when the batch is large.
+  template <class A>
+  A* stage(const_rows_ref<float> x, growing_buffer<A>& x_stage, index& ldx) {
+    const index T = x.rows(), H = x.cols();
+    ldx = padded_stride(H, static_cast<index>(sizeof(A)));
+    A* staged = x_stage.get(static_cast<std::size_t>(T * ldx));
+    const auto stage_rows = kernels_->stage<A>();
+    const float* x_data = x.data();
+    const index x_stride = x.outerStride();
+    const int threads = pool_->size();
+    if (T * H < (index(1) << 16) || threads == 1) {
+      stage_rows(x_data, x_stride, H, 0, T, staged, ldx);
+    } else {
+      auto stage_region = [&](int thread) {
+        stage_rows(x_data, x_stride, H, T * thread / threads, T * (thread + 1) / threads, staged, ldx);
+      };
+      pool_->run(stage_region);
+    }
+    return staged;
+  }
+
+  /// Runs `count` tiles on every thread, each taken from a shared counter; fn(thread, tile,
+  /// following) gets the tile the same thread will run next (or -1), so that it can prefetch
+  /// its weights.
+  template <class Fn>
+  void run_tiles(index count, const Fn& fn) {
+    if (count == 0) return;
+    std::atomic<index> next{0};
+    auto region = [&](int thread) {
+      index current = next.fetch_add(1, std::memory_order_relaxed);
+      while (current < count) {
+        const index following = next.fetch_add(1, std::memory_order_relaxed);
+        fn(thread, current, following < count ? following : index(-1));
+        current = following;
+      }
+    };
+    pool_->run(region);
+  }
+
+  template <class A, class Wbits, class Hs>
+  void run_gate_up(const tile_pass<A, Wbits, Hs>& pass, std::span<const gate_up_tile> tiles) {
+    const auto gate_up = kernels_->forward<A, Wbits, Hs>().gate_up;
+    run_tiles(static_cast<index>(tiles.size()), [&](int, index current, index following) {
+      gate_up(pass, tiles[static_cast<std::size_t>(current)],
+              following >= 0 ? &tiles[static_cast<std::size_t>(following)] : nullptr);
+    });
+  }
+
+  template <class A, class Wbits, class Hs, class W>
+  void run_pass(const expert_schedule<W>& schedule, const_rows_ref<float> x, rows_ref<float> y,
+                growing_buffer<A>& x_stage, growing_buffer<Hs>& h_buffer, float* gate_out = nullptr,
+                float* up_out = nullptr) {
+    using clock = std::chrono::steady_clock;
+    const auto start = clock::now();
+    timings_ = {};
+    const index T = schedule.tokens(), H = schedule.hidden();
+    if (T == 0) return;
+    index ldx = 0;
+    const A* staged = stage<A>(x, x_stage, ldx);
+    Hs* h = h_buffer.get(static_cast<std::size_t>(std::max<index>(schedule.h_elements(), 1)));
+
+    static_assert(std::is_same_v<weight_bits_t<W>, Wbits>);
+    const tile_pass<A, Wbits, Hs> pass{schedule.items().data(),
+                                       static_cast<index>(schedule.items().size()),
+                                       staged,
+                                       ldx,
+                                       H,
+                                       h,
+                                       y.data(),
+                                       y.outerStride(),
+                                       T,
+                                       schedule.shape().down_cols,
+                                       gate_out,
+                                       up_out};
+    const auto down = kernels_->forward<A, Wbits, Hs>().down;
+    // Gate/up tiles, then down tiles (each region ends when all its work is done). A thread
+    // claims its next tile before running the current one, so that the current tile can
+    // prefetch the next one's first weights (claims stay dynamic: no thread idles while tiles
+    // remain unclaimed).
+    const auto staged_at = clock::now();
+    run_gate_up(pass, schedule.gate_up_tiles());
+    const auto gate_up_at = clock::now();
+    run_tiles(schedule.down_tiles(), [&](int, index current, index following) { down(pass, current, following); });
+    const auto done_at = clock::now();
+    timings_.stage = std::chrono::duration<double>(staged_at - start).count();
+    timings_.gate_up = std::chrono::duration<double>(gate_up_at - staged_at).count();
+    timings_.down = std::chrono::duration<double>(done_at - gate_up_at).count();
+  }
+
+  std::unique_ptr<thread_pool> pool_;
+  const cpu_kernel_table* kernels_ = &kernels_for(simd::isa::scalar);
+  pass_timings timings_{};
+  schedule_shape shape_{};
+  expert_schedule<float> schedule_f32_;
+  expert_schedule<bf16> schedule_bf16_;
+  growing_buffer<float> x_f32_, h_f32_;
+  growing_buffer<std::uint16_t> x_bf16_, h_bf16_;
+  // Backward's workspace: g and u when recomputed, dg and du, partial dots (w·h lives in h_f32_).
+  backward_schedule backward_schedule_;
+  growing_buffer<float> gate_, up_, dg_, du_, dots_, pack_;
+  row_matrix<float> group_dots_;
+};
+
+inline void cpu_engine::backward(const expert_backward<float>& request) {
+  const weights_view<float>& weights = request.weights;
+  const routing_plan<float>& plan = request.plan;
+  row_matrix<float>& dw = request.dw;
+  rows_ref<float> dx = request.dx;  // a request is read-only; the Ref it holds writes
+  require_backward_inputs<float>(weights.dims(), plan, request.x, request.dy, request.dx, request.grads.dims(),
+                                 request.saved);
+  using clock = std::chrono::steady_clock;
+  const auto start = clock::now();
+  timings_ = {};
+  dw.setZero(plan.tokens, plan.top_k);
+  if (plan.tokens == 0) return;
+  schedule_f32_.build(weights, plan, shape_);
+  backward_schedule_.build(schedule_f32_, request.grads);
+  const expert_schedule<float>& schedule = schedule_f32_;
+  const backward_schedule& tiles = backward_schedule_;
+  const index T = plan.tokens, H = weights.dims().hidden;
+  const auto h_size = static_cast<std::size_t>(std::max<index>(schedule.h_elements(), 1));
+  index ldx = 0;
+  const float* staged = stage<float>(request.x, x_f32_, ldx);
+  const auto staged_at = clock::now();
+
+  // g and u: the caller's saved ones, or recomputed by the forward's gate/up tiles.
+  const float* gate = nullptr;
+  const float* up = nullptr;
+  if (request.saved != nullptr) {
+    gate = request.saved->gate.data();
+    up = request.saved->up.data();
+  } else {
+    float* g = gate_.get(h_size);
+    float* u = up_.get(h_size);
+    const tile_pass<float, float, float> pass{schedule.items().data(),
+                                              static_cast<index>(schedule.items().size()),
+                                              staged,
+                                              ldx,
+                                              H,
+                                              nullptr,
+                                              nullptr,
+                                              0,
+                                              T,
+                                              schedule.shape().down_cols,
+                                              g,
+                                              u};
+    run_gate_up(pass, schedule.gate_up_tiles());
+    gate = g;
+    up = u;
+  }
+  const auto recomputed_at = clock::now();
+
+  const index dot_blocks = tiles.dot_blocks();
+  const backward_pass pass{schedule.items().data(),
+                           static_cast<index>(schedule.items().size()),
+                           tiles.gradients().data(),
+                           staged,
+                           ldx,
+                           request.dy.data(),
+                           request.dy.outerStride(),
+                           gate,
+                           up,
+                           h_f32_.get(h_size),
+                           dg_.get(h_size),
+                           du_.get(h_size),
+                           dots_.get(static_cast<std::size_t>(std::max<index>(schedule.row_total(), 1) * dot_blocks)),
+                           dot_blocks,
+                           dx.data(),
+                           dx.outerStride(),
+                           backward_schedule::dx_cols,
+                           H};
+  const cpu_kernel_table& kernels = *kernels_;
+  const std::span<const gate_up_tile> dh_tiles = tiles.dh_tiles();
+  // Each thread packs the weight panel of its dh and dx tiles into its own part of pack_.
+  const index pack_per_thread = backward_schedule::pack_floats;
+  float* pack = pack_.get(static_cast<std::size_t>(pack_per_thread * pool_->size()));
+  run_tiles(static_cast<index>(dh_tiles.size()), [&](int thread, index current, index) {
+    kernels.dh(pass, dh_tiles[static_cast<std::size_t>(current)], pack + thread * pack_per_thread);
+  });
+  const auto dh_at = clock::now();
+
+  // ⟨dy, E(x)⟩ of every row: its partial sums over column blocks, in block order.
+  group_dots_.setZero(T, plan.max_groups());
+  for (const auto& item : schedule.items()) {
+    const index blocks = (item.inter + backward_schedule::block_cols - 1) / backward_schedule::block_cols;
+    for (index r = 0; r < item.row_count; ++r) {
+      const float* partial = pass.dots + (item.first_row + r) * dot_blocks;
+      float dot = partial[0];
+      for (index b = 1; b < blocks; ++b) dot += partial[b];
+      const auto& row = item.rows[r];
+      (item.adjugate ? group_dots_ : dw)(row.token, row.slot) = dot;
+    }
+  }
+  add_adjugate_dots(plan, group_dots_, dw);
+
+  // dx tiles (one column block of dx each, all items in order) and weight-gradient tiles,
+  // from one counter: the fewer, larger dx tiles first.
+  const index dx_tiles = tiles.dx_tiles();
+  const std::span<const gradient_tile> gradient_tiles = tiles.gradient_tiles();
+  run_tiles(dx_tiles + static_cast<index>(gradient_tiles.size()), [&](int thread, index current, index) {
+    if (current < dx_tiles)
+      kernels.dx(pass, current, pack + thread * pack_per_thread);
+    else
+      kernels.gradient(pass, gradient_tiles[static_cast<std::size_t>(current - dx_tiles)]);
+  });
+  const auto done_at = clock::now();
+  timings_.stage = std::chrono::duration<double>(staged_at - start).count();
+  timings_.gate_up = std::chrono::duration<double>(recomputed_at - staged_at).count();
+  timings_.dh = std::chrono::duration<double>(dh_at - recomputed_at).count();
+  timings_.gradients = std::chrono::duration<double>(done_at - dh_at).count();
+}
+
+}  // namespace detail
+GROVE_END_NAMESPACE

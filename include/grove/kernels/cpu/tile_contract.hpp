@@ -1,0 +1,58 @@
+#pragma once
+
+// What the CPU tile kernels (detail/expert_tiles-inl.hpp, detail/backward_tiles-inl.hpp) read and
+// write. This is the lowest header of the CPU kernels: the kernels include it, the kernel table
+// and the engine include the kernels, so no include runs upwards.
+
+#include "grove/config/dynamic.hpp"
+#include "grove/kernels/cpu/backward_schedule.hpp"
+#include "grove/kernels/cpu/expert_schedule.hpp"
+#include "grove/simd/batch.hpp"
+
+GROVE_BEGIN_NAMESPACE
+namespace detail {
+
+/// What the forward tile kernels of one batch read and write. A: element of the staged
+/// activations (float, or bf16 bits for vdpbf16ps), W: weight bits (float or bf16 bits),
+/// Hs: element of h (the SwiGLU outputs, bf16 bits when the down product uses vdpbf16ps).
+template <class A, class W, class Hs>
+struct tile_pass {
+  const expert_item<W>* items;
+  index item_count;
+  const A* x;  ///< staged activations [T, ldx]
+  index ldx;
+  index hidden;
+  Hs* h;  ///< item blocks [row_count, inter], at each item's h_offset; null: not needed
+  float* y;
+  index ldy;
+  index tokens;
+  index down_cols;
+  float* gate_out = nullptr;  ///< when set, g and u are also stored there (layout of h)
+  float* up_out = nullptr;
+};
+
+/// What the backward tile kernels read and write; fp32 throughout. Buffers "in the layout of
+/// h" hold every item's [row_count, inter] block at its h_offset.
+struct backward_pass {
+  const expert_item<float>* items;
+  index item_count;
+  const item_gradients* grads;  ///< per item
+  const float* x;               ///< staged activations [T, ldx]
+  index ldx;
+  const float* dy;
+  index lddy;
+  const float* gate;  ///< g, u (saved or recomputed), layout of h
+  const float* up;
+  float* hw;    ///< w·h, layout of h
+  float* dg;    ///< ∂L/∂g, layout of h
+  float* du;    ///< ∂L/∂u, layout of h
+  float* dots;  ///< partial ⟨r, h⟩, [row_total, dot_blocks]
+  index dot_blocks;
+  float* dx;
+  index lddx;
+  index dx_cols;
+  index hidden;
+};
+
+}  // namespace detail
+GROVE_END_NAMESPACE
