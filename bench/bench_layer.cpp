@@ -3,6 +3,8 @@
 //
 //   grove/<fmt>/T:<T>/threads:<n>      the fused expert pass (grove::cpu_runner) on a routed plan
 //   route/T:<T>                        routing (grove::route) of the same batch, for the layer total
+//   route_into/T:<T>                   grove::route_into a reused plan, k and group size at run time
+//   route_fixed/T:<T>                  the same with k = 8 and group size 2 fixed at compile time
 //   dense_sgemm/T:<T>/threads:<n>      (a) Eigen sgemm of the same FLOPs: X[T,H] · W[N,H]ᵀ
 //   read_sweep/<fmt>/T:<T>/threads:<n> (b) a read of exactly the weight bytes the forward needs
 //   fma_peak/threads:<n>               (c) register-only FMA loop
@@ -316,6 +318,25 @@ void bm_route(benchmark::State& state, index T) {
   set_counters(state, T, c, cpu);
 }
 
+// Routing into a reused plan, with k and the group size at run time (Sizes = routing_sizes<>) or
+// fixed at compile time (routing_sizes<8, 2>, what a grove_moe_inst_config layer uses).
+template <class Sizes>
+void bm_route_into(benchmark::State& state, index T) {
+  model& m = the_model();
+  const auto x = m.x.topRows(T);
+  grove::routing_plan<float> plan;
+  grove::route_into<Sizes>(plan, m.f32, {top_k, lambda}, x);
+  const process_cpu_timer cpu;
+  for (auto _ : state) {
+    grove::route_into<Sizes>(plan, m.f32, {top_k, lambda}, x);
+    benchmark::DoNotOptimize(plan.expert_rows.data());
+  }
+  plan_cost c;
+  c.flops = 2.0 * double(T) * double(dims.experts) * double(dims.hidden);
+  c.bytes = double(dims.experts * dims.hidden) * sizeof(float);
+  set_counters(state, T, c, cpu);
+}
+
 // (f) Token by token: for each pick, matrix-vector products with Eigen; adjugates once per group.
 void bm_naive(benchmark::State& state, index T) {
   model& m = the_model();
@@ -533,6 +554,10 @@ void register_all() {
   for (index T : token_counts) {
     const std::string tt = "/T:" + std::to_string(T);
     add("route" + tt, [=](benchmark::State& s) { bm_route(s, T); });
+    add("route_into" + tt, [=](benchmark::State& s) { bm_route_into<grove::routing_sizes<>>(s, T); });
+    add("route_fixed" + tt, [=](benchmark::State& s) {
+      bm_route_into<grove::routing_sizes<static_cast<int>(top_k), 2>>(s, T);
+    });
     add("simple" + tt, [=](benchmark::State& s) { bm_simple(s, T); });
     add("naive" + tt, [=](benchmark::State& s) { bm_naive(s, T); });
     add("simple_backward" + tt, [=](benchmark::State& s) { bm_simple_backward(s, T); });

@@ -278,6 +278,68 @@ TEST_SUITE("forward") {
     CHECK(a == b);
   }
 
+  TEST_CASE("routing with compile-time sizes gives the dynamic plan, bit for bit") {
+    // Group sizes 2 (a shift) and 3 (a division); k fixed or not; a selection bias or none.
+    auto same_plan = [](const grove::routing_plan<float>& a, const grove::routing_plan<float>& b) {
+      CHECK(a.logits == b.logits);
+      CHECK(a.topk_ids == b.topk_ids);
+      CHECK(a.topk_weights == b.topk_weights);
+      CHECK(a.token_groups == b.token_groups);
+      CHECK(a.group_weights == b.group_weights);
+      CHECK(a.groups_per_token == b.groups_per_token);
+      CHECK(a.expert_offsets == b.expert_offsets);
+      CHECK(a.adjugate_offsets == b.adjugate_offsets);
+      REQUIRE(a.expert_rows.size() == b.expert_rows.size());
+      REQUIRE(a.adjugate_rows.size() == b.adjugate_rows.size());
+      for (std::size_t i = 0; i < a.expert_rows.size(); ++i) {
+        CHECK(a.expert_rows[i].token == b.expert_rows[i].token);
+        CHECK(a.expert_rows[i].slot == b.expert_rows[i].slot);
+        CHECK(a.expert_rows[i].weight == b.expert_rows[i].weight);
+      }
+      for (std::size_t i = 0; i < a.adjugate_rows.size(); ++i) {
+        CHECK(a.adjugate_rows[i].token == b.adjugate_rows[i].token);
+        CHECK(a.adjugate_rows[i].weight == b.adjugate_rows[i].weight);
+      }
+    };
+    const layer_dims by_two{16, 8, 4, 12, 6}, by_three{16, 12, 4, 12, 6};
+    for (bool with_bias : {false, true}) {
+      CAPTURE(with_bias);
+      auto p2 = grove::layer_parameters<float>::random(by_two, 21, 0.3);
+      auto p3 = grove::layer_parameters<float>::random(by_three, 22, 0.3);
+      if (with_bias) {
+        for (Index e = 0; e < 8; ++e) p2.bias()[static_cast<std::size_t>(e)] = 0.01f * static_cast<float>(e % 3);
+        for (Index e = 0; e < 12; ++e) p3.bias()[static_cast<std::size_t>(e)] = -0.02f * static_cast<float>(e % 4);
+      }
+      const auto x = random_tokens<float>(37, 16, 23);
+      const auto rows = as_rows(x, 37, 16);
+      const grove::layer fixed2(grove::layer_config<8, 4, 3, grove::ratio<1, 20>>(by_two), p2);
+      static_assert(decltype(fixed2)::sizes_at_compile_time::top_k == 3);
+      static_assert(decltype(fixed2)::sizes_at_compile_time::group_size == 2);
+      same_plan(fixed2.route(rows), grove::route(p2.view(), {3, 0.05}, rows));
+      const grove::layer fixed3(grove::layer_config<12, 4, 5, grove::ratio<1, 20>>(by_three), p3);
+      static_assert(decltype(fixed3)::sizes_at_compile_time::group_size == 3);
+      same_plan(fixed3.route(rows), grove::route(p3.view(), {5, 0.05}, rows));
+      // k fixed, the group size not (and the other way round), through route_into directly.
+      grove::routing_plan<float> plan;
+      grove::route_into<grove::routing_sizes<5>>(plan, p3.view(), {5, 0.05}, rows);
+      same_plan(plan, grove::route(p3.view(), {5, 0.05}, rows));
+      grove::route_into<grove::routing_sizes<grove::dynamic, 3>>(plan, p3.view(), {4, 0.05}, rows);
+      same_plan(plan, grove::route(p3.view(), {4, 0.05}, rows));
+    }
+    // Sizes that disagree with the call are refused.
+    const auto p = grove::layer_parameters<float>::random(by_two, 1, 0.3);
+    const auto x = random_tokens<float>(2, 16, 2);
+    grove::routing_plan<float> plan;
+    const grove::routing_options k3{3, 0.05};
+    auto fixed_k4 = [&] { grove::route_into<grove::routing_sizes<4>>(plan, p.view(), k3, as_rows(x, 2, 16)); };
+    auto fixed_gs4 = [&] {
+      grove::route_into<grove::routing_sizes<grove::dynamic, 4>>(plan, p.view(), k3, as_rows(x, 2, 16));
+    };
+    CHECK_THROWS_WITH_AS(fixed_k4(), "grove: routing_sizes fixes k = 4 but k = 3 was given", grove::error);
+    CHECK_THROWS_WITH_AS(fixed_gs4(), "grove: routing_sizes fixes the group size E / G = 4 but the weights have 2",
+                         grove::error);
+  }
+
   TEST_CASE("a layer views caller-owned buffers without copying") {
     const layer_dims d{8, 4, 2, 6, 3};
     auto owned = grove::layer_parameters<float>::random(d, 21, 0.3);

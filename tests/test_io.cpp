@@ -561,10 +561,10 @@ TEST_CASE("io: a layer decodes straight into BF16 memory: copied from BF16, roun
   nan_values[5] = std::numeric_limits<float>::quiet_NaN();
   named(tensors, "m.experts.1.up_proj.weight").bytes = f32_bytes(nan_values);
   write_file(dir / "nan.safetensors", safetensors_bytes(tensors));
-  CHECK_THROWS_WITH_AS(io::load_layer_bf16(io::checkpoint(dir / "nan.safetensors"), "m"),
+  CHECK_THROWS_WITH_AS((void)io::load_layer_bf16(io::checkpoint(dir / "nan.safetensors"), "m"),
                        Contains("tensor 'experts.1.up_proj.weight' holds a non-finite value"), grove::error);
   write_file(dir / "missing.safetensors", safetensors_bytes(without(layer_tensors("m"), "chunk_experts.1.up_proj")));
-  CHECK_THROWS_WITH_AS(io::load_layer_bf16(io::checkpoint(dir / "missing.safetensors"), "m"),
+  CHECK_THROWS_WITH_AS((void)io::load_layer_bf16(io::checkpoint(dir / "missing.safetensors"), "m"),
                        Contains("m.chunk_experts.1.up_proj.weight"), grove::error);
   CHECK(grove::bf16_weights::bytes_for(small) == io::load_layer_bf16(io::checkpoint(dir / "w-F32.safetensors"), "m").bytes());
   CHECK(grove::layer_parameters<float>::bytes_for(small) == with_bias.bytes());

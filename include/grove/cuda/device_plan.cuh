@@ -1,39 +1,28 @@
-// grove CUDA backend: the routing plan (router/routing_plan.hpp) as it lives in device memory.
+// grove CUDA backend: the routing plan (plan/routing_plan.hpp) as it lives in device memory.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
 #include "grove/cuda/common.cuh"
+#include "grove/plan/dispatch.hpp"
 
 GROVE_BEGIN_NAMESPACE
 namespace cuda {
 
-/// One row of expert work, as grove::dispatch_row<float>: run `token` through the MLP and add
-/// `weight` times the result to y[token]. `slot` is the pick slot s (routed expert, weight w_s)
-/// or, for an adjugate row, the token's group slot (weight λ·c_j) — or the pick slot when
-/// adjugates are evaluated once per pick (weight λ·w_s).
-struct dispatch_row {
-  std::int32_t token;
-  std::int32_t slot;
-  float weight;
-};
-
-/// How adjugates enter the plan.
-enum class adjugate_mode {
-  once_per_token,  ///< grove: each activated adjugate once per token with weight λ·c_j (docs/math.md, step 6)
-  once_per_pick,   ///< the released code: A_{e_s / group_size} once per pick with weight λ·w_s (same y)
-  none,            ///< a plain MoE: no adjugate rows (what the layer costs without its adjugates)
-};
+/// One row of expert work: the row of every backend (plan/dispatch.hpp), with an fp32 weight.
+using dispatch_row = grove::dispatch_row<float>;
+/// How adjugates enter the plan (plan/dispatch.hpp).
+using grove::adjugate_mode;
 
 /// The routing decision for one batch in device memory: the same content as
-/// grove::routing_plan<float> (docs/plan.md), laid out for the kernels. All pointers are device
+/// grove::routing_plan<float> (docs/routing.md), laid out for the kernels. All pointers are device
 /// pointers into a grove::cuda::layer's workspace, valid until its next route().
 ///
 /// Differences from the host plan, all in layout rather than content:
-///   - expert and adjugate rows share one array and one offset table over the E + G MLPs:
-///     rows of routed expert e are [offsets[e], offsets[e+1]), rows of adjugate j are
-///     [offsets[E+j], offsets[E+j+1]); offsets[E] == T·k always;
+///   - expert and adjugate rows share one array and one offset table over the E + G MLPs of
+///     grove::mlp_numbering: rows of routed expert e are [offsets[e], offsets[e+1]), rows of
+///     adjugate j are [offsets[E+j], offsets[E+j+1]); offsets[E] == T·k always;
 ///   - row_of_pick / row_of_group give, per token, the position of each of its rows (the inverse
 ///     of the dispatch), which the deterministic combine and backward use;
 ///   - within each MLP the rows are in ascending token order, exactly as on the CPU.

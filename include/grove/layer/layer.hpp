@@ -67,14 +67,24 @@ class layer {
     return copy;
   }
 
+  /// k and the group size E / G where the configuration fixes them at compile time.
+  using sizes_at_compile_time =
+      routing_sizes<Config::top_k_at_compile_time,
+                    (Config::experts_at_compile_time != dynamic && Config::groups_at_compile_time != dynamic)
+                        ? Config::experts_at_compile_time / Config::groups_at_compile_time
+                        : dynamic>;
+
   /// Step 1: routing for a batch x [T, H].
   [[nodiscard]] routing_plan<scalar> route(const_rows_ref<scalar> x) const {
-    return grove::route(weights_, routing_options{config_.top_k(), config_.scale()}, x);
+    routing_plan<scalar> plan;
+    route_into(plan, x);
+    return plan;
   }
   /// Step 1 into a plan kept from an earlier batch: its storage is reused (no allocation once
   /// it has held a batch this large).
+  /// A configuration that fixes k, or E and G, routes with those sizes (routing_sizes).
   void route_into(routing_plan<scalar>& plan, const_rows_ref<scalar> x) const {
-    grove::route_into(plan, weights_, routing_options{config_.top_k(), config_.scale()}, x);
+    grove::route_into<sizes_at_compile_time>(plan, weights_, routing_options{config_.top_k(), config_.scale()}, x);
   }
 
   /// Step 2: the experts of `plan` applied to x, written to y [T, H], on the layer's runner.

@@ -5,25 +5,16 @@
 #include <vector>
 
 #include "grove/config/dynamic.hpp"
+#include "grove/plan/dispatch.hpp"
 #include "grove/weights/tensor_types.hpp"
 
 GROVE_BEGIN_NAMESPACE
 
-/// One row of work for an expert kernel: run `token` through the expert and add `weight` times
-/// the result to y[token]. `slot` says where the weight came from: the pick slot s for a routed
-/// expert (weight w_s), the token's group slot for an adjugate (weight λ·c_j). Backward uses the
-/// slot to send dw back to the right routing weight.
-template <class Scalar>
-struct dispatch_row {
-  std::int32_t token;
-  std::int32_t slot;
-  Scalar weight;
-};
-
 /// The routing decision for one batch, computed once (grove::route) and then consumed by
 /// every expert kernel, the backward pass and every backend. It holds the per-token view
 /// (logits, picks, weights, distinct groups) and the per-expert view (which rows each routed
-/// expert and each activated adjugate processes), built by counting sort so that no adjugate
+/// expert and each activated adjugate processes, rows as in plan/dispatch.hpp), built by counting
+/// sort so that no adjugate
 /// appears twice for a token (docs/routing.md, "The routing plan").
 ///
 /// A plan can be routed again in place (grove::route_into): its storage is reused, so a steady

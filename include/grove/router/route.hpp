@@ -1,6 +1,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -20,6 +21,19 @@ struct routing_options {
   double scale = 0.0;
 };
 
+/// Routing sizes known at compile time: k and the group size E / G, each `dynamic` where not.
+/// A layer whose configuration fixes them routes with them (layer::route_into): the per-token
+/// top-k scores live in a fixed-size array on the stack and the group of an expert is a shift
+/// when the group size is a power of two. The plan is the same, bit for bit (docs/config.md,
+/// "Compile-time sizes", says what it buys).
+template <int TopK = dynamic, int GroupSize = dynamic>
+struct routing_sizes {
+  static_assert(TopK == dynamic || TopK >= 1, "GROVE_TOP_K_MUST_BE_AT_LEAST_ONE");
+  static_assert(GroupSize == dynamic || GroupSize >= 1, "GROVE_GROUP_SIZE_MUST_BE_POSITIVE");
+  static constexpr int top_k = TopK;
+  static constexpr int group_size = GroupSize;
+};
+
 namespace detail {
 
 /// True when the selection bias is absent or all zero, so selection may compare logits directly.
@@ -28,8 +42,10 @@ bool bias_is_zero(const Scalar* bias, index experts) {
   return bias == nullptr || std::all_of(bias, bias + experts, [](Scalar b) { return b == Scalar(0); });
 }
 
-/// Distinct groups of each token and their weights c_j (docs/math.md, step 5), in order of first pick.
-template <class Scalar>
+/// Distinct groups of each token and their weights c_j (docs/math.md, step 5), in order of first
+/// pick. GroupSize: the group size when fixed at compile time (the division is then a shift for a
+/// power of two), or `dynamic`.
+template <int GroupSize = dynamic, class Scalar>
 void collect_token_groups(routing_plan<Scalar>& plan) {
   const index max_groups = plan.max_groups();
   plan.token_groups.setConstant(plan.tokens, max_groups, -1);
@@ -38,7 +54,11 @@ void collect_token_groups(routing_plan<Scalar>& plan) {
   for (index t = 0; t < plan.tokens; ++t) {
     std::int32_t count = 0;
     for (index s = 0; s < plan.top_k; ++s) {
-      const auto group = static_cast<std::int32_t>(plan.topk_ids(t, s) / plan.group_size);
+      std::int32_t group;
+      if constexpr (GroupSize != dynamic)
+        group = static_cast<std::int32_t>(static_cast<std::uint32_t>(plan.topk_ids(t, s)) / GroupSize);
+      else
+        group = static_cast<std::int32_t>(plan.topk_ids(t, s) / plan.group_size);
       index at = 0;
       while (at < count && plan.token_groups(t, at) != group) ++at;
       if (at == count) plan.token_groups(t, count++) = group;
@@ -76,8 +96,9 @@ void counting_sort(index tokens, index slots_per_token, index buckets, const std
 /// Routes a batch into `plan`, reusing its storage: router logits, top-k selection,
 /// renormalised weights, distinct groups and the per-expert dispatch (docs/math.md, steps 1–5;
 /// docs/routing.md). `x` is [T, H]. Routing a batch no larger than the plan has held before
-/// allocates nothing.
-template <class Scalar>
+/// allocates nothing. `Sizes` (routing_sizes) gives k and the group size when they are fixed at
+/// compile time; they must then agree with `options` and the weights.
+template <class Sizes = routing_sizes<>, class Scalar>
 void route_into(routing_plan<Scalar>& plan, const weights_view<Scalar>& weights, const routing_options& options,
                 std::type_identity_t<const_rows_ref<Scalar>> x) {
   const layer_dims& d = weights.dims();
@@ -86,6 +107,11 @@ void route_into(routing_plan<Scalar>& plan, const weights_view<Scalar>& weights,
   detail::require(options.top_k >= 1 && options.top_k <= d.experts, "grove: top-k k = ", options.top_k,
                   " must lie in [1, E = ", d.experts, "]");
   detail::require(weights.router().data() != nullptr, "grove: missing tensor 'gate.weight' (router)");
+  detail::require(Sizes::top_k == dynamic || Sizes::top_k == options.top_k, "grove: routing_sizes fixes k = ",
+                  Sizes::top_k, " but k = ", options.top_k, " was given");
+  detail::require(Sizes::group_size == dynamic || Sizes::group_size == d.group_size(),
+                  "grove: routing_sizes fixes the group size E / G = ", Sizes::group_size, " but the weights have ",
+                  d.group_size());
 
   plan.tokens = x.rows();
   plan.experts = d.experts;
@@ -100,14 +126,23 @@ void route_into(routing_plan<Scalar>& plan, const weights_view<Scalar>& weights,
   const Scalar* bias = detail::bias_is_zero(weights.bias(), d.experts) ? nullptr : weights.bias();
   plan.topk_ids.resize(plan.tokens, plan.top_k);
   plan.topk_weights.resize(plan.tokens, plan.top_k);
-  plan.scratch.scores.resize(static_cast<std::size_t>(plan.top_k));
-  for (index t = 0; t < plan.tokens; ++t) {
-    detail::select_top_k(&plan.logits(t, 0), bias, d.experts, plan.top_k, &plan.topk_ids(t, 0),
-                         plan.scratch.scores.data(), t);
-    detail::picked_softmax(&plan.logits(t, 0), &plan.topk_ids(t, 0), plan.top_k, &plan.topk_weights(t, 0));
+  if constexpr (Sizes::top_k != dynamic) {
+    constexpr std::integral_constant<index, Sizes::top_k> k{};
+    for (index t = 0; t < plan.tokens; ++t) {
+      std::array<Scalar, Sizes::top_k> scores;
+      detail::select_top_k(&plan.logits(t, 0), bias, d.experts, k, &plan.topk_ids(t, 0), scores.data(), t);
+      detail::picked_softmax(&plan.logits(t, 0), &plan.topk_ids(t, 0), k, &plan.topk_weights(t, 0));
+    }
+  } else {
+    plan.scratch.scores.resize(static_cast<std::size_t>(plan.top_k));
+    for (index t = 0; t < plan.tokens; ++t) {
+      detail::select_top_k(&plan.logits(t, 0), bias, d.experts, plan.top_k, &plan.topk_ids(t, 0),
+                           plan.scratch.scores.data(), t);
+      detail::picked_softmax(&plan.logits(t, 0), &plan.topk_ids(t, 0), plan.top_k, &plan.topk_weights(t, 0));
+    }
   }
 
-  detail::collect_token_groups(plan);
+  detail::collect_token_groups<Sizes::group_size>(plan);
 
   detail::counting_sort<Scalar>(
       plan.tokens, plan.top_k, plan.experts, nullptr, [&](index t, index s) { return plan.topk_ids(t, s); },

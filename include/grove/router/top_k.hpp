@@ -19,9 +19,11 @@ Scalar sigmoid(Scalar z) {
 /// them to `ids` in descending score, ties to the lower index. The score is
 /// `sigmoid(l_e) + b_e`; without a bias (b == nullptr) it is l_e itself, which orders the same
 /// but does not saturate (fp32 sigmoid is exactly 1 above l ≈ 17, which would turn real
-/// differences into ties). `scores` is caller scratch of at least k entries.
-template <class Scalar>
-void select_top_k(const Scalar* logits, const Scalar* bias, index experts, index k, std::int32_t* ids,
+/// differences into ties). `scores` is caller scratch of at least k entries. `Count` is `index`,
+/// or std::integral_constant<index, K> when k is fixed at compile time (the loops then have
+/// constant bounds and `scores` can live on the stack).
+template <class Scalar, class Count>
+void select_top_k(const Scalar* logits, const Scalar* bias, index experts, Count k, std::int32_t* ids,
                   Scalar* scores, index token) {
   index filled = 0;
   for (index e = 0; e < experts; ++e) {
@@ -47,8 +49,8 @@ void select_top_k(const Scalar* logits, const Scalar* bias, index experts, index
 
 /// w_s = softmax(l)[e_s] / Σ softmax(l)[e_s'], computed as the softmax of the picked logits
 /// alone (the same value, without the E-wide sum; docs/math.md, step 3).
-template <class Scalar>
-void picked_softmax(const Scalar* logits, const std::int32_t* ids, index k, Scalar* weights) {
+template <class Scalar, class Count>
+void picked_softmax(const Scalar* logits, const std::int32_t* ids, Count k, Scalar* weights) {
   Scalar top = logits[ids[0]];
   for (index s = 1; s < k; ++s) top = std::max(top, logits[ids[s]]);
   Scalar sum = 0;

@@ -17,10 +17,6 @@
 
 GROVE_BEGIN_NAMESPACE
 
-/// The SwiGLU pre-activations a training forward keeps for backward (see saved_activations).
-template <class Scalar>
-using saved_activations = saved_activations<Scalar>;
-
 /// Forward of the experts of `plan` on `runner` (y written) that also fills `saved` for
 /// backward. Use it instead of the plain forward when memory allows; backward then skips the
 /// gate/up products.
