@@ -235,6 +235,13 @@ void add_layer_tensors(io::safetensors_writer& w, const ref_layer& L, const std:
   if (!L.bias.empty()) w.add(prefix + ".expert_bias", {L.E}, L.bias, stored);
 }
 
+/// Writes layer L under `prefix` to its own file at `path`, stored as `stored`.
+void write_layer(const std::string& path, const ref_layer& L, const std::string& prefix, io::dtype stored) {
+  io::safetensors_writer w;
+  add_layer_tensors(w, L, prefix, stored);
+  w.write(path);
+}
+
 void write_input(const std::string& path, const std::vector<float>& x, int T, int H, io::dtype stored) {
   io::safetensors_writer w;
   w.add("x", {T, H}, x, stored);
@@ -298,9 +305,7 @@ constexpr int tokens = 11;
 TEST_CASE("cli: run on a single F32 file with a selection bias matches the reference") {
   temp_dir dir;
   const ref_layer L = make_layer(11, /*with_bias=*/true, /*coarse=*/false);
-  io::safetensors_writer w;
-  add_layer_tensors(w, L, "model.layers.0.mlp", io::dtype::f32);
-  w.write(dir / "w.safetensors");
+  write_layer(dir / "w.safetensors", L, "model.layers.0.mlp", io::dtype::f32);
   const auto x = make_input(12, tokens, L.H);
   write_input(dir / "in.safetensors", x, tokens, L.H, io::dtype::f32);
 
@@ -321,9 +326,7 @@ TEST_CASE("cli: run on a single F32 file with a selection bias matches the refer
 TEST_CASE("cli: run --threads and --isa choose the CPU runner; every choice matches the reference") {
   temp_dir dir;
   const ref_layer L = make_layer(13, /*with_bias=*/true, /*coarse=*/false);
-  io::safetensors_writer w;
-  add_layer_tensors(w, L, "model.layers.0.mlp", io::dtype::f32);
-  w.write(dir / "w.safetensors");
+  write_layer(dir / "w.safetensors", L, "model.layers.0.mlp", io::dtype::f32);
   const auto x = make_input(14, tokens, L.H);
   write_input(dir / "in.safetensors", x, tokens, L.H, io::dtype::f32);
   auto run = [&](const std::string& extra) {
@@ -470,9 +473,7 @@ TEST_CASE("cli: run on a sharded checkpoint, F16 input, config.json and override
 TEST_CASE("cli: run on BF16 weights and BF16 input with the default k and lambda") {
   temp_dir dir;
   const ref_layer L = make_layer(31, true, /*coarse=*/true);  // BF16-exact weights
-  io::safetensors_writer w;
-  add_layer_tensors(w, L, "blocks.2.moe", io::dtype::bf16);
-  w.write(dir / "bf16.safetensors");
+  write_layer(dir / "bf16.safetensors", L, "blocks.2.moe", io::dtype::bf16);
   const auto x = make_input(32, tokens, L.H);
   write_input(dir / "in.safetensors", x, tokens, L.H, io::dtype::bf16);
 
@@ -486,9 +487,7 @@ TEST_CASE("cli: run on BF16 weights and BF16 input with the default k and lambda
 TEST_CASE("cli: run --dtype bf16 keeps the weights in BF16, routes in fp32, and matches the reference") {
   temp_dir dir;
   const ref_layer L = make_layer(33, true, /*coarse=*/true);  // BF16-exact weights: both dtypes hold the same values
-  io::safetensors_writer w;
-  add_layer_tensors(w, L, "blocks.2.moe", io::dtype::f32);
-  w.write(dir / "w.safetensors");
+  write_layer(dir / "w.safetensors", L, "blocks.2.moe", io::dtype::f32);
   const auto x = make_input(34, tokens, L.H);
   write_input(dir / "in.safetensors", x, tokens, L.H, io::dtype::f32);
   auto run = [&](const std::string& out, const std::string& extra) {
@@ -533,9 +532,7 @@ TEST_CASE("cli: run --dtype bf16 keeps the weights in BF16, routes in fp32, and 
 TEST_CASE("cli: info prints the memory of the weights in each format") {
   temp_dir dir;
   const ref_layer L = make_layer(35, true, false);
-  io::safetensors_writer w;
-  add_layer_tensors(w, L, "m", io::dtype::f32);
-  w.write(dir / "w.safetensors");
+  write_layer(dir / "w.safetensors", L, "m", io::dtype::f32);
   const auto r = grove_cli(dir, "info --weights '" + dir / "w.safetensors" + "' --prefix m");
   INFO(r.err);
   REQUIRE(r.code == 0);
@@ -549,9 +546,7 @@ TEST_CASE("cli: info prints the memory of the weights in each format") {
 TEST_CASE("cli: errors give a message and a non-zero exit, never a crash") {
   temp_dir dir;
   const ref_layer L = make_layer(41, true, false);
-  io::safetensors_writer w;
-  add_layer_tensors(w, L, "model.layers.0.mlp", io::dtype::f32);
-  w.write(dir / "w.safetensors");
+  write_layer(dir / "w.safetensors", L, "model.layers.0.mlp", io::dtype::f32);
   write_input(dir / "in.safetensors", make_input(42, 4, L.H), 4, L.H, io::dtype::f32);
   write_input(dir / "narrow.safetensors", make_input(43, 4, L.H - 1), 4, L.H - 1, io::dtype::f32);
   const std::string out = dir / "out.safetensors";
@@ -664,9 +659,7 @@ TEST_CASE("cli: run --backward writes dx and every weight's gradient, matching f
   ref_layer L = make_layer(51, /*with_bias=*/true, /*coarse=*/false);
   const int T = 5, k = 4;
   const double lambda = 0.2;
-  io::safetensors_writer w;
-  add_layer_tensors(w, L, "model.layers.3.mlp", io::dtype::f32);
-  w.write(dir / "w.safetensors");
+  write_layer(dir / "w.safetensors", L, "model.layers.3.mlp", io::dtype::f32);
   std::vector<float> x = make_input(52, T, L.H);
   std::vector<float> dy(static_cast<std::size_t>(T * L.H));
   generator g(53);
