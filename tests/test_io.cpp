@@ -563,6 +563,11 @@ TEST_CASE("io: a layer decodes straight into BF16 memory: copied from BF16, roun
   write_file(dir / "nan.safetensors", safetensors_bytes(tensors));
   CHECK_THROWS_WITH_AS((void)io::load_layer_bf16(io::checkpoint(dir / "nan.safetensors"), "m"),
                        Contains("tensor 'experts.1.up_proj.weight' holds a non-finite value"), grove::error);
+  auto nan_bias = layer_tensors("m");
+  named(nan_bias, "m.expert_bias").bytes = f32_bytes({0.5f, std::numeric_limits<float>::infinity(), 0.0f, 1.0f});
+  write_file(dir / "nan-bias.safetensors", safetensors_bytes(nan_bias));
+  CHECK_THROWS_WITH_AS((void)io::load_layer_bf16(io::checkpoint(dir / "nan-bias.safetensors"), "m"),
+                       Contains("tensor 'expert_bias' holds a non-finite value (inf) at row 1"), grove::error);
   write_file(dir / "missing.safetensors", safetensors_bytes(without(layer_tensors("m"), "chunk_experts.1.up_proj")));
   CHECK_THROWS_WITH_AS((void)io::load_layer_bf16(io::checkpoint(dir / "missing.safetensors"), "m"),
                        Contains("m.chunk_experts.1.up_proj.weight"), grove::error);

@@ -234,15 +234,10 @@ template <class Scalar>
   check_layer_tensors(ckpt, prefix, dims);
   bf16_weights weights(dims);
   read_layer_tensors(ckpt, prefix, weights.span(), /*adjugates=*/true);
-  const std::string bias = tensor_name(prefix, "expert_bias");
-  if (ckpt.contains(bias)) {
-    const std::int64_t expected[] = {dims.experts};
-    ckpt.read_into(bias, std::span<const std::int64_t>(expected), weights.bias());
-    for (index e = 0; e < dims.experts; ++e)
-      if (!std::isfinite(weights.bias()[static_cast<std::size_t>(e)]))
-        throw error("grove: tensor '" + bias + "' holds a non-finite value at row " + std::to_string(e) +
-                    " (layer prefix '" + std::string(prefix) + "' in checkpoint " + detail::quoted(ckpt.path()) + ")");
-  }
+  // The fp32 bias, read and checked by the same mechanism through a view that holds only it.
+  weights_span<float> bias_only(dims);
+  bias_only.set_bias(weights.bias().data());
+  read_layer_tensors(ckpt, prefix, bias_only, /*adjugates=*/false);
   weights.refresh_router();
   return weights;
 }

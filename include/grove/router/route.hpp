@@ -126,20 +126,19 @@ void route_into(routing_plan<Scalar>& plan, const weights_view<Scalar>& weights,
   const Scalar* bias = detail::bias_is_zero(weights.bias(), d.experts) ? nullptr : weights.bias();
   plan.topk_ids.resize(plan.tokens, plan.top_k);
   plan.topk_weights.resize(plan.tokens, plan.top_k);
-  if constexpr (Sizes::top_k != dynamic) {
-    constexpr std::integral_constant<index, Sizes::top_k> k{};
+  // k is an std::integral_constant when fixed (constant loop bounds, scores on the stack).
+  auto select = [&](auto k, Scalar* scores) {
     for (index t = 0; t < plan.tokens; ++t) {
-      std::array<Scalar, Sizes::top_k> scores;
-      detail::select_top_k(&plan.logits(t, 0), bias, d.experts, k, &plan.topk_ids(t, 0), scores.data(), t);
+      detail::select_top_k(&plan.logits(t, 0), bias, d.experts, k, &plan.topk_ids(t, 0), scores, t);
       detail::picked_softmax(&plan.logits(t, 0), &plan.topk_ids(t, 0), k, &plan.topk_weights(t, 0));
     }
+  };
+  if constexpr (Sizes::top_k != dynamic) {
+    std::array<Scalar, Sizes::top_k> scores;
+    select(std::integral_constant<index, Sizes::top_k>{}, scores.data());
   } else {
     plan.scratch.scores.resize(static_cast<std::size_t>(plan.top_k));
-    for (index t = 0; t < plan.tokens; ++t) {
-      detail::select_top_k(&plan.logits(t, 0), bias, d.experts, plan.top_k, &plan.topk_ids(t, 0),
-                           plan.scratch.scores.data(), t);
-      detail::picked_softmax(&plan.logits(t, 0), &plan.topk_ids(t, 0), plan.top_k, &plan.topk_weights(t, 0));
-    }
+    select(plan.top_k, plan.scratch.scores.data());
   }
 
   detail::collect_token_groups<Sizes::group_size>(plan);
