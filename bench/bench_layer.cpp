@@ -75,33 +75,17 @@ void fill_uniform(float* p, std::size_t n, std::uint64_t seed, float stddev) {
   }
 }
 
-/// Adjugate rows once per pick (weight λ·w_s), as the released code evaluates them: (d).
+/// Adjugates once per pick (weight λ·w_s), as the released code evaluates them: (d).
 grove::routing_plan<float> per_pick_plan(const grove::routing_plan<float>& plan) {
   grove::routing_plan<float> out = plan;
-  const index G = plan.groups;
-  out.adjugate_offsets.assign(static_cast<std::size_t>(G) + 1, 0);
-  for (index t = 0; t < plan.tokens; ++t)
-    for (index s = 0; s < plan.top_k; ++s)
-      ++out.adjugate_offsets[static_cast<std::size_t>(plan.topk_ids(t, s) / plan.group_size) + 1];
-  for (index j = 0; j < G; ++j)
-    out.adjugate_offsets[static_cast<std::size_t>(j) + 1] += out.adjugate_offsets[static_cast<std::size_t>(j)];
-  out.adjugate_rows.resize(static_cast<std::size_t>(out.adjugate_offsets.back()));
-  std::vector<index> cursor(out.adjugate_offsets.begin(), out.adjugate_offsets.end() - 1);
-  for (index t = 0; t < plan.tokens; ++t)
-    for (index s = 0; s < plan.top_k; ++s) {
-      const auto j = static_cast<std::size_t>(plan.topk_ids(t, s) / plan.group_size);
-      out.adjugate_rows[static_cast<std::size_t>(cursor[j]++)] = {
-          static_cast<std::int32_t>(t), static_cast<std::int32_t>(s),
-          static_cast<float>(plan.scale) * plan.topk_weights(t, s)};
-    }
+  out.adjugates = grove::adjugate_mode::once_per_pick;
   return out;
 }
 
 /// The same routing without adjugates: (e).
 grove::routing_plan<float> plain_moe_plan(const grove::routing_plan<float>& plan) {
   grove::routing_plan<float> out = plan;
-  out.adjugate_offsets.assign(static_cast<std::size_t>(plan.groups) + 1, 0);
-  out.adjugate_rows.clear();
+  out.adjugates = grove::adjugate_mode::none;
   return out;
 }
 
@@ -190,7 +174,16 @@ plan_cost cost_of(const grove::weights_view<W>& w, const grove::routing_plan<flo
     }
   };
   for (index e = 0; e < dims.experts; ++e) add(w.expert(e), plan.rows_of_expert(e).size());
-  for (index j = 0; j < dims.groups; ++j) add(w.adjugate(j), plan.rows_of_adjugate(j).size());
+  // Adjugate rows by mode: the plan's group rows, one per pick, or none.
+  for (index j = 0; j < dims.groups; ++j) {
+    std::size_t rows = 0;
+    if (plan.adjugates == grove::adjugate_mode::once_per_token) {
+      rows = plan.rows_of_adjugate(j).size();
+    } else if (plan.adjugates == grove::adjugate_mode::once_per_pick) {
+      for (index e = j * plan.group_size; e < (j + 1) * plan.group_size; ++e) rows += plan.rows_of_expert(e).size();
+    }
+    add(w.adjugate(j), rows);
+  }
   return c;
 }
 

@@ -5,6 +5,7 @@
 #include <grove/grove.hpp>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -380,6 +381,45 @@ TEST_SUITE("forward") {
 
 // =============================================================================================
 TEST_SUITE("routing") {
+  TEST_CASE("batch invariance: a token's logits and picks are the same bits in any batch, at any position") {
+    // H = 67 and 130: a zero-padded last chunk on every SIMD width; E = 10: a short expert block.
+    for (const layer_dims dims : {layer_dims{67, 10, 5, 8, 4}, layer_dims{130, 12, 4, 8, 4}}) {
+      CAPTURE(dims.hidden);
+      const auto params = grove::layer_parameters<float>::random(dims, 71, 0.2);
+      grove::detail::normal_generator gen(72);
+      const Index T = 23;
+      grove::row_matrix<float> x(T, dims.hidden);
+      for (Index i = 0; i < x.size(); ++i) x.data()[i] = static_cast<float>(gen.normal());
+      const grove::routing_options options{3, 0.1};
+      const auto whole = grove::route(params.view(), options, x);
+      // Every token alone, and the batch reversed (positions change, neighbours change).
+      grove::row_matrix<float> reversed = x.colwise().reverse();
+      const auto backwards = grove::route(params.view(), options, reversed);
+      for (Index t = 0; t < T; ++t) {
+        CAPTURE(t);
+        const auto alone = grove::route(params.view(), options, x.middleRows(t, 1));
+        for (Index e = 0; e < dims.experts; ++e) {
+          CHECK(std::bit_cast<std::uint32_t>(alone.logits(0, e)) == std::bit_cast<std::uint32_t>(whole.logits(t, e)));
+          CHECK(std::bit_cast<std::uint32_t>(backwards.logits(T - 1 - t, e)) ==
+                std::bit_cast<std::uint32_t>(whole.logits(t, e)));
+        }
+        for (Index s = 0; s < options.top_k; ++s) {
+          CHECK(alone.topk_ids(0, s) == whole.topk_ids(t, s));
+          CHECK(backwards.topk_ids(T - 1 - t, s) == whole.topk_ids(t, s));
+        }
+        // And they are the logits: a double dot product agrees to rounding.
+        for (Index e = 0; e < dims.experts; ++e) {
+          double dot = 0, size = 0;
+          for (Index c = 0; c < dims.hidden; ++c) {
+            dot += double(x(t, c)) * double(params.view().router()(e, c));
+            size += std::abs(double(x(t, c)) * double(params.view().router()(e, c)));
+          }
+          CHECK(std::abs(double(whole.logits(t, e)) - dot) <= 1e-6 * size);
+        }
+      }
+    }
+  }
+
   TEST_CASE("ties go to the lower expert index") {
     // Experts 1, 3 and 5 share one router row, so their logits are bitwise equal.
     const layer_dims d{4, 6, 3, 3, 2};

@@ -41,7 +41,8 @@ using grove::simd::isa;
 
 // ---------------------------------------------------------------------------------------------
 // Reference: token by token from the plan's per-token view (picks, weights, distinct groups),
-// double precision, plain loops over the weight maps. Optionally rounds x and h to bf16 the way
+// double precision, plain loops over the weight maps; only_group >= 0: just that group's terms
+// (its partial p(t, g)). Optionally rounds x and h to bf16 the way
 // the vdpbf16ps path does (round to nearest even), so that path can be checked tightly.
 // ---------------------------------------------------------------------------------------------
 double round_bf16(double v) {
@@ -59,7 +60,7 @@ struct reference_result {
 
 template <class W>
 reference_result reference_forward(const grove::weights_view<W>& w, const grove::routing_plan<float>& plan,
-                                   const row_matrix<float>& x, bool round_activations) {
+                                   const row_matrix<float>& x, bool round_activations, Index only_group = -1) {
   const layer_dims& d = w.dims();
   const Index H = d.hidden, T = x.rows();
   reference_result out{std::vector<double>(static_cast<std::size_t>(T * H), 0.0),
@@ -92,10 +93,16 @@ reference_result reference_forward(const grove::weights_view<W>& w, const grove:
       const double v = x(t, c);
       in[static_cast<std::size_t>(c)] = round_activations ? round_bf16(v) : v;
     }
-    for (Index s = 0; s < plan.top_k; ++s)
+    for (Index s = 0; s < plan.top_k; ++s) {
+      if (only_group >= 0 && plan.topk_ids(t, s) / d.group_size() != only_group) continue;
       add_mlp(w.expert(plan.topk_ids(t, s)), t, plan.topk_weights(t, s));
-    for (Index g = 0; g < plan.groups_per_token[static_cast<std::size_t>(t)]; ++g)
-      add_mlp(w.adjugate(plan.token_groups(t, g)), t, plan.scale * plan.group_weights(t, g));
+      if (plan.adjugates == grove::adjugate_mode::once_per_pick)
+        add_mlp(w.adjugate(plan.topk_ids(t, s) / d.group_size()), t, plan.scale * plan.topk_weights(t, s));
+    }
+    if (plan.adjugates == grove::adjugate_mode::once_per_token)
+      for (Index g = 0; g < plan.groups_per_token[static_cast<std::size_t>(t)]; ++g)
+        if (only_group < 0 || plan.token_groups(t, g) == only_group)
+          add_mlp(w.adjugate(plan.token_groups(t, g)), t, plan.scale * plan.group_weights(t, g));
   }
   return out;
 }
@@ -302,30 +309,45 @@ TEST_CASE("fast_cpu: the schedule covers every row and column of every item exac
   const grove::schedule_shape shape{16, 32, 64};
   schedule.build(p.params.view(), p.plan, shape);
   const auto items = schedule.items();
-  // Items: routed experts by Index, then adjugates by Index, only those with rows.
+  // Items: group by group, the group's routed experts by Index then its adjugate, only those
+  // with rows; h keeps the plan's layout (expert rows, then adjugate rows).
   std::size_t at = 0;
-  Index h_offset = 0;
-  for (Index e = 0; e < c.dims.experts; ++e)
-    if (p.plan.expert_load(e) > 0) {
-      REQUIRE(at < items.size());
-      CHECK(!items[at].adjugate);
-      CHECK(items[at].id == e);
-      CHECK(items[at].row_count == p.plan.expert_load(e));
-      CHECK(items[at].inter == c.dims.expert_intermediate);
-      CHECK(items[at].h_offset == h_offset);
-      h_offset += items[at].row_count * items[at].inter;
-      ++at;
-    }
-  for (Index j = 0; j < c.dims.groups; ++j)
-    if (!p.plan.rows_of_adjugate(j).empty()) {
-      REQUIRE(at < items.size());
-      CHECK(items[at].adjugate);
-      CHECK(items[at].id == j);
-      CHECK(items[at].inter == c.dims.adjugate_intermediate);
-      h_offset += items[at].row_count * items[at].inter;
-      ++at;
-    }
+  const Index expert_h = static_cast<Index>(p.plan.expert_rows.size()) * c.dims.expert_intermediate;
+  const Index gs = c.dims.group_size();
+  std::size_t group_at = 0;
+  for (Index j = 0; j < c.dims.groups; ++j) {
+    if (p.plan.rows_of_adjugate(j).empty()) continue;
+    REQUIRE(group_at < schedule.groups().size());
+    const auto& group = schedule.groups()[group_at++];
+    CHECK(group.group == j);
+    CHECK(group.item_begin == static_cast<std::int32_t>(at));
+    CHECK(group.row_count == static_cast<Index>(p.plan.rows_of_adjugate(j).size()));
+    CHECK(group.first_row == p.plan.adjugate_offsets[static_cast<std::size_t>(j)]);
+    for (Index e = j * gs; e < (j + 1) * gs; ++e)
+      if (p.plan.expert_load(e) > 0) {
+        REQUIRE(at < items.size());
+        CHECK(!items[at].adjugate);
+        CHECK(items[at].id == e);
+        CHECK(items[at].row_count == p.plan.expert_load(e));
+        CHECK(items[at].inter == c.dims.expert_intermediate);
+        CHECK(items[at].h_offset == p.plan.expert_offsets[static_cast<std::size_t>(e)] * c.dims.expert_intermediate);
+        // Each row's group slot names its own token among the group's rows.
+        for (Index r = 0; r < items[at].row_count; ++r)
+          CHECK(group.rows[schedule.group_slots()[items[at].first_row + r]].token == items[at].rows[r].token);
+        ++at;
+      }
+    REQUIRE(at < items.size());
+    CHECK(items[at].adjugate);
+    CHECK(items[at].id == j);
+    CHECK(items[at].inter == c.dims.adjugate_intermediate);
+    CHECK(items[at].h_offset == expert_h + group.first_row * c.dims.adjugate_intermediate);
+    ++at;
+    CHECK(group.item_end == static_cast<std::int32_t>(at));
+  }
   CHECK(at == items.size());
+  CHECK(group_at == schedule.groups().size());
+  const Index h_offset =
+      expert_h + static_cast<Index>(p.plan.adjugate_rows.size()) * c.dims.adjugate_intermediate;
   CHECK(schedule.h_elements() == h_offset);
   // Tiles partition each item's [rows, inter] exactly.
   std::vector<int> covered(static_cast<std::size_t>(h_offset), 0);
@@ -765,4 +787,151 @@ TEST_CASE("fast_cpu: bf16_weights keeps every tensor in bf16 and routes with the
     for (Index c = 0; c < d.hidden; ++c) CHECK(rv.router()(e, c) == grove::to_float(bw.router()(e, c)));
   REQUIRE(rv.bias() != nullptr);
   CHECK(rv.bias()[1] == 0.25f);
+}
+
+TEST_CASE("fast_cpu: group partials, combined in the canonical order, are y bit for bit; shards of groups too") {
+  // Expert parallelism in one process: each shard of groups runs its restricted plan on a
+  // weights view of its groups, its partials land in the full plan's group rows, and one
+  // combine gives the single-process y, bit for bit, on every level and thread count.
+  const layer_case shapes[] = {cases[0], cases[1], cases[5], cases[7], cases[8], {"wide", {96, 12, 4, 40, 24}, 5, 61}};
+  for (const auto& c : shapes) {
+    CAPTURE(c.name);
+    const prepared p = prepare(c, 31);
+    const Index T = c.tokens, H = c.dims.hidden, G = c.dims.groups;
+    // Each group's share of y, in double: what its partials must be.
+    std::vector<reference_result> group_refs;
+    for (Index j = 0; j < G; ++j) group_refs.push_back(reference_forward(p.params.view(), p.plan, p.x, false, j));
+    for (isa level : levels())
+      for (int threads : {1, 3}) {
+        CAPTURE(grove::simd::isa_name(level));
+        CAPTURE(threads);
+        auto engine = make_engine(level, threads, {16, 32, 24});
+        row_matrix<float> y(T, H), partials(p.plan.group_row_count(), H);
+        engine.forward(p.params.view(), p.plan, p.x, y);
+        engine.forward_partials(p.params.view(), p.plan, p.x, partials);
+        row_matrix<float> combined = row_matrix<float>::Zero(T, H);
+        grove::combine_partials(p.plan, partials, combined);
+        CHECK(same_bits(combined, y));
+        // Each partial is its group's share of y: compare with a double reference of the group.
+        for (Index j = 0; j < G && T > 0; ++j) {
+          const reference_result& ref = group_refs[static_cast<std::size_t>(j)];
+          row_matrix<float> shard_y = row_matrix<float>::Zero(T, H);
+          for (const auto& row : p.plan.rows_of_adjugate(j))
+            shard_y.row(row.token) =
+                partials.row(static_cast<Index>(&row - p.plan.adjugate_rows.data()));
+          CHECK(relative_error(shard_y, ref) < 1e-5);
+        }
+        // Two shards of groups, each on its own weights view.
+        std::vector<Index> first_half, second_half;
+        for (Index j = 0; j < G; ++j) (j < G / 2 ? first_half : second_half).push_back(j);
+        row_matrix<float> gathered = row_matrix<float>::Constant(p.plan.group_row_count(), H, -1.0f);
+        for (const auto* groups : {&first_half, &second_half}) {
+          if (groups->empty()) continue;
+          const std::span<const Index> held(*groups);
+          const auto shard_plan = grove::restrict_to_groups(p.plan, held);
+          const auto shard_weights = p.params.view().only_groups(held);
+          row_matrix<float> shard_partials(shard_plan.group_row_count(), H);
+          engine.forward_partials(shard_weights, shard_plan, p.x, shard_partials);
+          for (Index j : *groups) {
+            const Index from = shard_plan.adjugate_offsets[static_cast<std::size_t>(j)];
+            const Index to = p.plan.adjugate_offsets[static_cast<std::size_t>(j)];
+            const Index n = p.plan.adjugate_offsets[static_cast<std::size_t>(j) + 1] - to;
+            gathered.middleRows(to, n) = shard_partials.middleRows(from, n);
+          }
+        }
+        CHECK(same_bits(gathered, partials));
+        row_matrix<float> sharded_y = row_matrix<float>::Zero(T, H);
+        grove::combine_partials(p.plan, gathered, sharded_y);
+        CHECK(same_bits(sharded_y, y));
+      }
+  }
+}
+
+TEST_CASE("fast_cpu: the adjugate modes once per token, once per pick and none, on every level") {
+  for (const auto& c : cases) {
+    CAPTURE(c.name);
+    prepared p = prepare(c, 41);
+    for (auto mode : {grove::adjugate_mode::once_per_token, grove::adjugate_mode::once_per_pick,
+                      grove::adjugate_mode::none}) {
+      CAPTURE(static_cast<int>(mode));
+      p.plan.adjugates = mode;
+      const reference_result ref = reference_forward(p.params.view(), p.plan, p.x, false);
+      for (isa level : levels()) {
+        CAPTURE(grove::simd::isa_name(level));
+        auto engine = make_engine(level, 2);
+        row_matrix<float> y(c.tokens, c.dims.hidden), partials(p.plan.group_row_count(), c.dims.hidden);
+        engine.forward(p.params.view(), p.plan, p.x, y);
+        CHECK(relative_error(y, ref) < 1e-5);
+        engine.forward_partials(p.params.view(), p.plan, p.x, partials);
+        row_matrix<float> combined = row_matrix<float>::Zero(c.tokens, c.dims.hidden);
+        grove::combine_partials(p.plan, partials, combined);
+        CHECK(same_bits(combined, y));
+      }
+      // The plain per-expert path agrees.
+      row_matrix<float> simple(c.tokens, c.dims.hidden);
+      grove::cpu::forward_experts_simple(p.params.view(), p.plan, p.x, simple);
+      CHECK(relative_error(simple, ref) < 1e-5);
+    }
+    // Once per pick and once per token are the same y (docs/math.md), up to rounding.
+    if (c.tokens > 0) {
+      auto engine = make_engine(grove::simd::best_isa(), 2);
+      row_matrix<float> a(c.tokens, c.dims.hidden), b(c.tokens, c.dims.hidden);
+      p.plan.adjugates = grove::adjugate_mode::once_per_token;
+      engine.forward(p.params.view(), p.plan, p.x, a);
+      p.plan.adjugates = grove::adjugate_mode::once_per_pick;
+      engine.forward(p.params.view(), p.plan, p.x, b);
+      CHECK((a - b).cwiseAbs().maxCoeff() <= 1e-5f * (1.0f + a.cwiseAbs().maxCoeff()));
+    }
+  }
+  // Once per pick has no backward yet, and says so.
+  const prepared p = prepare(cases[0], 42);
+  auto plan = p.plan;
+  plan.adjugates = grove::adjugate_mode::once_per_pick;
+  auto engine = make_engine(grove::simd::best_isa(), 2);
+  grove::layer_parameters<float> grads(cases[0].dims);
+  row_matrix<float> dx = row_matrix<float>::Zero(p.x.rows(), p.x.cols()), dw;
+  CHECK_THROWS_WITH_AS(engine.backward(p.params.view(), plan, p.x, p.x, nullptr, grads.span(), dx, dw),
+                       doctest::Contains("once_per_pick is forward only"), grove::error);
+  grove::saved_activations<float> saved;
+  row_matrix<float> y(p.x.rows(), p.x.cols());
+  CHECK_THROWS_WITH_AS(engine.forward_saving(p.params.view(), plan, p.x, y, saved),
+                       doctest::Contains("once_per_pick"), grove::error);
+  // Partials of the wrong shape, and a plan whose picks have no group rows, are named.
+  row_matrix<float> wrong(p.plan.group_row_count() + 1, p.x.cols());
+  CHECK_THROWS_WITH_AS(engine.forward_partials(p.params.view(), p.plan, p.x, wrong),
+                       doctest::Contains("group partials are"), grove::error);
+  auto broken = p.plan;
+  broken.adjugate_rows.clear();
+  std::fill(broken.adjugate_offsets.begin(), broken.adjugate_offsets.end(), Index(0));
+  CHECK_THROWS_WITH_AS(engine.forward(p.params.view(), broken, p.x, y), doctest::Contains("no group rows"),
+                       grove::error);
+  // A shard's weights cannot run another shard's rows.
+  const std::vector<Index> held{0};
+  CHECK_THROWS_WITH_AS(engine.forward(p.params.view().only_groups(held), p.plan, p.x, y),
+                       doctest::Contains("do not hold"), grove::error);
+}
+
+TEST_CASE("fast_cpu: backward with the adjugates left out matches the plain per-expert backward") {
+  const layer_case c = cases[0];
+  prepared p = prepare(c, 43);
+  p.plan.adjugates = grove::adjugate_mode::none;
+  const row_matrix<float> dy = grove_test::random_matrix<float>(c.tokens, c.dims.hidden, 44);
+  grove::layer_parameters<float> fast(c.dims), simple(c.dims);
+  row_matrix<float> dx_fast = row_matrix<float>::Zero(c.tokens, c.dims.hidden), dx_simple = dx_fast, dw_fast,
+                    dw_simple;
+  auto engine = make_engine(grove::simd::best_isa(), 2);
+  engine.backward(p.params.view(), p.plan, p.x, dy, nullptr, fast.span(), dx_fast, dw_fast);
+  grove::cpu::backward_experts_simple<float>(p.params.view(), p.plan, p.x, dy, nullptr, simple.span(), dx_simple,
+                                             dw_simple);
+  double worst = 0, size = 0;
+  for (std::size_t i = 0; i < fast.values().size(); ++i) {
+    worst = std::max(worst, std::abs(double(fast.values()[i]) - double(simple.values()[i])));
+    size = std::max(size, std::abs(double(simple.values()[i])));
+  }
+  CHECK(size > 0);
+  CHECK(worst <= 1e-5 * (1.0 + size));
+  CHECK((dx_fast - dx_simple).cwiseAbs().maxCoeff() <= 1e-5f * (1.0f + dx_simple.cwiseAbs().maxCoeff()));
+  CHECK((dw_fast - dw_simple).cwiseAbs().maxCoeff() <= 1e-5f * (1.0f + dw_simple.cwiseAbs().maxCoeff()));
+  // No adjugate gradient at all.
+  for (Index j = 0; j < c.dims.groups; ++j) CHECK(fast.span().adjugate(j).down.cwiseAbs().maxCoeff() == 0.0f);
 }

@@ -1,6 +1,8 @@
 #pragma once
 
+#include <span>
 #include <string>
+#include <string_view>
 
 #include "grove/config/dynamic.hpp"
 #include "grove/error.hpp"
@@ -51,5 +53,23 @@ struct layer_dims {
   return d.experts * d.hidden + d.experts * 3 * d.hidden * d.expert_intermediate +
          d.groups * 3 * d.hidden * d.adjugate_intermediate;
 }
+
+namespace detail {
+
+/// Checks a list of whole groups (a shard of a layer: restrict_to_groups, layer_weights::
+/// only_groups). Sorted and without repeats, so that membership is a binary search and two
+/// shards built from one list agree on the order; each in [0, G). `what` names the caller.
+inline void require_group_list(std::span<const index> groups, index group_count, std::string_view what) {
+  for (std::size_t i = 0; i < groups.size(); ++i) {
+    detail::require(groups[i] >= 0 && groups[i] < group_count, "grove: ", what, ": group ", groups[i], " (entry ", i,
+                    ") lies outside [0, G = ", group_count, ")");
+    if (i > 0)
+      detail::require(groups[i] > groups[i - 1], "grove: ", what, ": group ", groups[i], " (entry ", i,
+                      ") does not follow group ", groups[i - 1],
+                      "; the groups must be sorted ascending without repeats");
+  }
+}
+
+}  // namespace detail
 
 GROVE_END_NAMESPACE

@@ -22,6 +22,18 @@ struct dispatch_row {
   Scalar weight;
 };
 
+/// One pick as it travels between processes: token `token` chose routed expert `expert` in pick
+/// slot `slot` with weight w_s. The expert id is the layer's global one (not an index into a
+/// shard), so that rows gathered from several processes build one plan (plan/plan_from_rows.hpp)
+/// whose dispatch is what grove::route gives for the same picks.
+template <class Scalar>
+struct routed_row {
+  std::int32_t token;
+  std::int32_t slot;
+  std::int32_t expert;
+  Scalar weight;
+};
+
 /// How adjugates enter a plan.
 enum class adjugate_mode {
   once_per_token,  ///< grove: each activated adjugate once per token with weight λ·c_j (docs/math.md, step 6)

@@ -18,17 +18,26 @@ GROVE_BEGIN_NAMESPACE
 template <class Weight>
 using activation_t = std::conditional_t<std::is_same_v<Weight, bf16>, float, Weight>;
 
+/// What a forward writes: y, or the per-group partials that a combine (plan/combine.hpp) sums
+/// into y later, elsewhere (in another process, for expert parallelism).
+enum class forward_output {
+  combined,        ///< y [T, H]
+  group_partials,  ///< p [plan.group_row_count(), H]: row r is p(t, g) of the plan's group row r
+};
+
 /// The experts' forward of one batch: y = Σ_s w_s E_{e_s}(x) + λ Σ_j c_j A_j(x) over `plan`
-/// (docs/math.md, step 6), y written, not accumulated. With `saved` set it is a training
-/// forward: the SwiGLU pre-activations are kept there for backward (resized by the runner).
+/// (docs/math.md, step 6), summed in the canonical order (plan/combine.hpp), y written, not
+/// accumulated. With `saved` set it is a training forward: the SwiGLU pre-activations are kept
+/// there for backward (resized by the runner).
 template <class Weight>
 struct expert_forward {
   using scalar = activation_t<Weight>;
   const weights_view<Weight>& weights;
   const routing_plan<scalar>& plan;
   const_rows_ref<scalar> x;  ///< [T, H]
-  rows_ref<scalar> y;        ///< [T, H]
+  rows_ref<scalar> y;        ///< [T, H], or the partials (see output)
   saved_activations<scalar>* saved = nullptr;
+  forward_output output = forward_output::combined;
 };
 
 /// The experts' backward of one batch (docs/math.md, "Backward"): the routed experts' and the

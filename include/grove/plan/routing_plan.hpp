@@ -27,6 +27,9 @@ struct routing_plan {
   index group_size = 0;
   index top_k = 0;
   double scale = 0.0;  ///< λ
+  /// How adjugates enter the experts' pass (plan/dispatch.hpp). The plan's adjugate rows are there
+  /// in every mode: they are also the group rows, the (token, group) pairs of the partials.
+  adjugate_mode adjugates = adjugate_mode::once_per_token;
 
   // ---- per token ----
   row_matrix<Scalar> logits;              ///< [T, E] router logits l = W_r x
@@ -40,7 +43,10 @@ struct routing_plan {
   std::vector<index> expert_offsets;                ///< [E + 1] rows of expert e: [offsets[e], offsets[e+1])
   std::vector<dispatch_row<Scalar>> expert_rows;    ///< T·k rows, grouped by expert, tokens ascending
   std::vector<index> adjugate_offsets;              ///< [G + 1]
-  std::vector<dispatch_row<Scalar>> adjugate_rows;  ///< Σ n_g rows, grouped by adjugate, tokens ascending
+  /// Σ n_g rows, grouped by adjugate, tokens ascending: each (token, picked group) once, weight
+  /// λ·c_j. They double as the group rows: row r of the partials (runner::forward_partials) is
+  /// p(adjugate_rows[r].token, its group), and plan/combine.hpp sums them in this order.
+  std::vector<dispatch_row<Scalar>> adjugate_rows;
 
   /// Scratch of route_into (top-k scores and counting-sort cursors), kept so that routing into a
   /// reused plan allocates nothing. Not part of the plan's value.
@@ -62,8 +68,10 @@ struct routing_plan {
   [[nodiscard]] index expert_load(index e) const {
     return expert_offsets[static_cast<std::size_t>(e) + 1] - expert_offsets[static_cast<std::size_t>(e)];
   }
-  /// Adjugate evaluations this batch: Σ over tokens of n_g, each once per token.
+  /// Adjugate evaluations this batch in once_per_token mode: Σ over tokens of n_g.
   [[nodiscard]] index adjugate_evaluations() const { return static_cast<index>(adjugate_rows.size()); }
+  /// (token, picked group) pairs: the rows of the per-group partials, Σ over tokens of n_g.
+  [[nodiscard]] index group_row_count() const { return static_cast<index>(adjugate_rows.size()); }
 
  private:
   static std::span<const dispatch_row<Scalar>> rows_between(const std::vector<dispatch_row<Scalar>>& rows,

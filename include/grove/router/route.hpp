@@ -10,7 +10,9 @@
 #include "grove/error.hpp"
 #include "grove/weights/layer_weights.hpp"
 #include "grove/weights/tensor_types.hpp"
+#include "grove/plan/build_dispatch.hpp"
 #include "grove/plan/routing_plan.hpp"
+#include "grove/router/logits.hpp"
 #include "grove/router/top_k.hpp"
 
 GROVE_BEGIN_NAMESPACE
@@ -19,6 +21,7 @@ GROVE_BEGIN_NAMESPACE
 struct routing_options {
   index top_k = 0;
   double scale = 0.0;
+  adjugate_mode adjugates = adjugate_mode::once_per_token;  ///< recorded in the plan
 };
 
 /// Routing sizes known at compile time: k and the group size E / G, each `dynamic` where not.
@@ -42,58 +45,10 @@ bool bias_is_zero(const Scalar* bias, index experts) {
   return bias == nullptr || std::all_of(bias, bias + experts, [](Scalar b) { return b == Scalar(0); });
 }
 
-/// Distinct groups of each token and their weights c_j (docs/math.md, step 5), in order of first
-/// pick. GroupSize: the group size when fixed at compile time (the division is then a shift for a
-/// power of two), or `dynamic`.
-template <int GroupSize = dynamic, class Scalar>
-void collect_token_groups(routing_plan<Scalar>& plan) {
-  const index max_groups = plan.max_groups();
-  plan.token_groups.setConstant(plan.tokens, max_groups, -1);
-  plan.group_weights.setZero(plan.tokens, max_groups);
-  plan.groups_per_token.assign(static_cast<std::size_t>(plan.tokens), 0);
-  for (index t = 0; t < plan.tokens; ++t) {
-    std::int32_t count = 0;
-    for (index s = 0; s < plan.top_k; ++s) {
-      std::int32_t group;
-      if constexpr (GroupSize != dynamic)
-        group = static_cast<std::int32_t>(static_cast<std::uint32_t>(plan.topk_ids(t, s)) / GroupSize);
-      else
-        group = static_cast<std::int32_t>(plan.topk_ids(t, s) / plan.group_size);
-      index at = 0;
-      while (at < count && plan.token_groups(t, at) != group) ++at;
-      if (at == count) plan.token_groups(t, count++) = group;
-      plan.group_weights(t, at) += plan.topk_weights(t, s);
-    }
-    plan.groups_per_token[static_cast<std::size_t>(t)] = count;
-  }
-}
-
-/// Counting sort of (token, slot) pairs by the bucket each belongs to; stable, so each bucket
-/// lists its tokens in ascending order (a fixed order the kernels' reductions rely on).
-template <class Scalar, class BucketOf, class WeightOf>
-void counting_sort(index tokens, index slots_per_token, index buckets, const std::vector<std::int32_t>* slot_counts,
-                   BucketOf bucket_of, WeightOf weight_of, std::vector<index>& offsets,
-                   std::vector<dispatch_row<Scalar>>& rows, std::vector<index>& cursor) {
-  auto slots = [&](index t) {
-    return slot_counts ? static_cast<index>((*slot_counts)[static_cast<std::size_t>(t)]) : slots_per_token;
-  };
-  offsets.assign(static_cast<std::size_t>(buckets) + 1, 0);
-  for (index t = 0; t < tokens; ++t)
-    for (index s = 0; s < slots(t); ++s) ++offsets[static_cast<std::size_t>(bucket_of(t, s)) + 1];
-  for (index b = 0; b < buckets; ++b) offsets[static_cast<std::size_t>(b) + 1] += offsets[static_cast<std::size_t>(b)];
-  rows.resize(static_cast<std::size_t>(offsets.back()));
-  cursor.assign(offsets.begin(), offsets.end() - 1);
-  for (index t = 0; t < tokens; ++t)
-    for (index s = 0; s < slots(t); ++s) {
-      auto& at = cursor[static_cast<std::size_t>(bucket_of(t, s))];
-      rows[static_cast<std::size_t>(at++)] =
-          dispatch_row<Scalar>{static_cast<std::int32_t>(t), static_cast<std::int32_t>(s), weight_of(t, s)};
-    }
-}
-
 }  // namespace detail
 
-/// Routes a batch into `plan`, reusing its storage: router logits, top-k selection,
+/// Routes a batch into `plan`, reusing its storage: router logits (batch-invariant: a token's
+/// logits and picks are the same bits in any batch, router/logits.hpp), top-k selection,
 /// renormalised weights, distinct groups and the per-expert dispatch (docs/math.md, steps 1–5;
 /// docs/routing.md). `x` is [T, H]. Routing a batch no larger than the plan has held before
 /// allocates nothing. `Sizes` (routing_sizes) gives k and the group size when they are fixed at
@@ -119,9 +74,12 @@ void route_into(routing_plan<Scalar>& plan, const weights_view<Scalar>& weights,
   plan.group_size = d.group_size();
   plan.top_k = options.top_k;
   plan.scale = options.scale;
+  plan.adjugates = options.adjugates;
 
+  // Batch-invariant logits (router/logits.hpp): a token's picks do not depend on its batch.
   plan.logits.resize(plan.tokens, d.experts);
-  plan.logits.noalias() = x * weights.router().transpose();
+  detail::router_logits(detail::routing_isa(), x.data(), x.outerStride(), plan.tokens, weights.router().data(),
+                        d.experts, d.hidden, plan.logits.data(), d.experts);
 
   const Scalar* bias = detail::bias_is_zero(weights.bias(), d.experts) ? nullptr : weights.bias();
   plan.topk_ids.resize(plan.tokens, plan.top_k);
@@ -147,11 +105,7 @@ void route_into(routing_plan<Scalar>& plan, const weights_view<Scalar>& weights,
       plan.tokens, plan.top_k, plan.experts, nullptr, [&](index t, index s) { return plan.topk_ids(t, s); },
       [&](index t, index s) { return plan.topk_weights(t, s); }, plan.expert_offsets, plan.expert_rows,
       plan.scratch.cursor);
-  const auto lambda = static_cast<Scalar>(plan.scale);
-  detail::counting_sort<Scalar>(
-      plan.tokens, 0, plan.groups, &plan.groups_per_token, [&](index t, index s) { return plan.token_groups(t, s); },
-      [&](index t, index s) { return lambda * plan.group_weights(t, s); }, plan.adjugate_offsets,
-      plan.adjugate_rows, plan.scratch.cursor);
+  detail::sort_group_rows(plan);
 }
 
 /// Routes a batch into a new plan (route_into on an empty one).

@@ -97,6 +97,8 @@ class cpu_runner final : public runner {
     engine_.forward(request);
   }
   void run_forward(const expert_forward<double>& request) override {
+    detail::require(request.output == forward_output::combined,
+                    "grove: group partials need fp32 or BF16 weights (fp64 runs the plain per-expert path)");
     if (request.saved != nullptr)
       cpu::forward_experts_saving_simple<double>(request.weights, request.plan, request.x, request.y, *request.saved);
     else

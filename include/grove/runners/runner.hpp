@@ -44,6 +44,15 @@ class runner {
                std::type_identity_t<rows_ref<activation_t<Weight>>> y) {
     run_forward(expert_forward<Weight>{weights, plan, x, y});
   }
+  /// The forward up to the combine: writes p(t, g) for every group row of `plan` into
+  /// `partials` [plan.group_row_count(), H]; combine_partials (plan/combine.hpp) then gives y, bit
+  /// for bit forward()'s. For partials that travel to another process before they are summed.
+  template <class Weight>
+  void forward_partials(const weights_view<Weight>& weights, const routing_plan<activation_t<Weight>>& plan,
+                        std::type_identity_t<const_rows_ref<activation_t<Weight>>> x,
+                        std::type_identity_t<rows_ref<activation_t<Weight>>> partials) {
+    run_forward(expert_forward<Weight>{weights, plan, x, partials, nullptr, forward_output::group_partials});
+  }
   /// The training forward: forward() that also keeps the SwiGLU pre-activations for backward.
   /// y is bit-identical to forward()'s.
   template <class Scalar>

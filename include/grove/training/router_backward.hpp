@@ -1,6 +1,8 @@
 #pragma once
 
+#include <algorithm>
 #include <string>
+#include <vector>
 #include <type_traits>
 
 #include "grove/error.hpp"
@@ -31,6 +33,13 @@ void routing_logit_gradient(const routing_plan<Scalar>& plan, const row_matrix<S
 /// Backward of the router's linear map l = W_r x for a batch: accumulates ∂W_r += dlᵀ x into
 /// `grads` and dx += dl W_r into `dx`. `dl` is [T, E] (from routing_logit_gradient, an
 /// auxiliary loss, or both summed).
+///
+/// The reduction order is fixed and documented (docs/routing.md, "Batch invariance"), so that an
+/// expert-parallel run reproduces it by gathering the rows it needs in token order:
+///   ∂W_r[e] += (…((+0 + dl[t1][e]·x[t1]) + dl[t2][e]·x[t2]) + …)  over tokens ascending,
+///   dx[t]    = (…((dx[t] + dl[t][e1]·W_r[e1]) + dl[t][e2]·W_r[e2]) + …)  over experts ascending,
+/// terms with dl = 0 skipped (they add ±0: no bit changes for finite x). Whether a product and
+/// its add fuse into one fma is the compiler's choice (-ffp-contract), fixed for a build.
 template <class Scalar>
 void router_backward(const std::type_identity_t<weights_view<Scalar>>& weights,
                      std::type_identity_t<const_rows_ref<Scalar>> x, const row_matrix<Scalar>& dl,
@@ -44,8 +53,30 @@ void router_backward(const std::type_identity_t<weights_view<Scalar>>& weights,
                       std::to_string(dl.rows()) + ", " + std::to_string(dl.cols()) + "], dx [" +
                       std::to_string(dx.rows()) + ", " + std::to_string(dx.cols()) + "]");
   detail::require(grads.dims() == d, "grove: the gradient buffers have other dimensions than the layer");
-  grads.router().noalias() += dl.transpose() * x;
-  dx.noalias() += dl * weights.router();
+  const index T = x.rows(), E = d.experts, H = d.hidden;
+  const auto router = weights.router();
+  auto grad = grads.router();
+  std::vector<Scalar> sum(static_cast<std::size_t>(H));
+  for (index e = 0; e < E; ++e) {
+    std::fill(sum.begin(), sum.end(), Scalar(0));
+    for (index t = 0; t < T; ++t) {
+      const Scalar g = dl(t, e);
+      if (g == Scalar(0)) continue;
+      const Scalar* xt = x.data() + t * x.outerStride();
+      for (index c = 0; c < H; ++c) sum[static_cast<std::size_t>(c)] += g * xt[c];
+    }
+    Scalar* out = grad.data() + e * H;
+    for (index c = 0; c < H; ++c) out[c] += sum[static_cast<std::size_t>(c)];
+  }
+  for (index t = 0; t < T; ++t) {
+    Scalar* out = dx.data() + t * dx.outerStride();
+    for (index e = 0; e < E; ++e) {
+      const Scalar g = dl(t, e);
+      if (g == Scalar(0)) continue;
+      const Scalar* w = router.data() + e * H;
+      for (index c = 0; c < H; ++c) out[c] += g * w[c];
+    }
+  }
 }
 
 GROVE_END_NAMESPACE

@@ -1,5 +1,7 @@
 #pragma once
 
+#include <algorithm>
+#include <span>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -57,7 +59,8 @@ class layer_weights {
   layer_weights(const layer_weights<U>& other)  // NOLINT(google-explicit-constructor)
       : dims_(other.dims_), router_(other.router_), bias_(other.bias_),
         expert_ptrs_(other.expert_ptrs_.begin(), other.expert_ptrs_.end()),
-        adjugate_ptrs_(other.adjugate_ptrs_.begin(), other.adjugate_ptrs_.end()) {}
+        adjugate_ptrs_(other.adjugate_ptrs_.begin(), other.adjugate_ptrs_.end()),
+        held_groups_(other.held_groups_) {}
 
   [[nodiscard]] const layer_dims& dims() const { return dims_; }
 
@@ -91,11 +94,49 @@ class layer_weights {
     walk(*this, fn);
   }
 
-  /// Throws grove::error naming the first tensor that was never bound.
+  /// A copy that holds only the listed whole groups (their routed experts and their adjugate),
+  /// under their global ids: what one process of an expert-parallel layer keeps. The experts
+  /// and adjugates of every other group are unbound (nullptr); the router and the bias stay, as
+  /// every process routes. Runs with a plan restricted to the same groups (restrict_to_groups).
+  /// `groups`: sorted ascending, no repeats, each in [0, G), not empty, and held by this view.
+  [[nodiscard]] layer_weights only_groups(std::span<const index> groups) const {
+    detail::require_group_list(groups, dims_.groups, "only_groups");
+    // An empty list would read back as "all groups" (held_groups), so a shard holds one at least.
+    detail::require(!groups.empty(), "grove: only_groups: the group list is empty (a view holds one group at least)");
+    for (const index j : groups)
+      detail::require(holds_group(j), "grove: only_groups: group ", j, " is not held by this weights view");
+    layer_weights shard = *this;
+    shard.held_groups_.assign(groups.begin(), groups.end());
+    const index group_size = dims_.group_size();
+    for (index j = 0; j < dims_.groups; ++j) {
+      if (shard.holds_group(j)) continue;
+      for (index e = j * group_size; e < (j + 1) * group_size; ++e) shard.set_expert(e, nullptr, nullptr, nullptr);
+      shard.set_adjugate(j, nullptr, nullptr, nullptr);
+    }
+    return shard;
+  }
+
+  /// Whether group j's experts and adjugate belong to this view: every group of [0, G) unless
+  /// the view was made by only_groups.
+  [[nodiscard]] bool holds_group(index j) const {
+    if (j < 0 || j >= dims_.groups) return false;
+    return held_groups_.empty() || std::binary_search(held_groups_.begin(), held_groups_.end(), j);
+  }
+  /// The groups this view holds, ascending; empty when it holds all of them.
+  [[nodiscard]] std::span<const index> held_groups() const { return held_groups_; }
+
+  /// Throws grove::error naming the first tensor that was never bound. A view made by
+  /// only_groups needs only the tensors of the groups it holds (and the router).
   void require_complete() const {
-    for_each_tensor([](const tensor_info& info, T* const& p) {
-      if (info.role != tensor_role::selection_bias)
-        detail::require(p != nullptr, "grove: missing tensor '" + info.name + "' in layer weights");
+    const index group_size = dims_.group_size();
+    for_each_tensor([&](const tensor_info& info, T* const& p) {
+      if (info.role == tensor_role::selection_bias) return;
+      const bool expert = info.role == tensor_role::expert_gate || info.role == tensor_role::expert_up ||
+                          info.role == tensor_role::expert_down;
+      const bool adjugate = info.role == tensor_role::adjugate_gate || info.role == tensor_role::adjugate_up ||
+                            info.role == tensor_role::adjugate_down;
+      if ((expert && !holds_group(info.owner / group_size)) || (adjugate && !holds_group(info.owner))) return;
+      detail::require(p != nullptr, "grove: missing tensor '" + info.name + "' in layer weights");
     });
   }
 
@@ -143,6 +184,7 @@ class layer_weights {
   T* bias_ = nullptr;
   std::vector<T*> expert_ptrs_;    // 3 per expert: gate, up, down
   std::vector<T*> adjugate_ptrs_;  // 3 per adjugate
+  std::vector<index> held_groups_;  // ascending; empty: every group (see only_groups)
 };
 
 /// Read-only view of a layer's weights in memory someone else owns.

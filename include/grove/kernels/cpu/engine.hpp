@@ -52,9 +52,10 @@ inline index padded_stride(index hidden, index element_bytes) {
 /// weights, and the fused backward on the same schedule.
 ///
 /// Per batch it builds an expert_schedule from the plan (items: routed experts and adjugates
-/// alike; tiles), stages x in a padded buffer (bf16 for vdpbf16ps), then runs two parallel
-/// regions: gate/up tiles (gather rows, gate and up products, SwiGLU into h) and down tiles
-/// (down product and weighted scatter-add into a block of y's columns, items in a fixed order).
+/// alike, group by group; tiles), stages x in a padded buffer (bf16 for vdpbf16ps), then runs two
+/// parallel regions: gate/up tiles (gather rows, gate and up products, SwiGLU into h) and down
+/// tiles (a block of y's columns: each group's down products summed into a per-thread partial,
+/// then added to y, in the canonical order of plan/combine.hpp).
 /// Results are bitwise identical for every thread count and every run; they depend on the
 /// instruction-set level (each level sums in its own fixed order).
 ///
@@ -76,7 +77,19 @@ class cpu_engine {
   void forward(const expert_forward<W>& request) {
     const layer_dims& d = request.weights.dims();
     require_batch_shapes(d, request.plan, request.x.rows(), request.x.cols(), "input x");
-    require_batch_shapes(d, request.plan, request.y.rows(), request.y.cols(), "output y");
+    const bool partials = request.output == forward_output::group_partials;
+    if (partials) {
+      require(request.y.rows() == request.plan.group_row_count() && request.y.cols() == d.hidden,
+              "grove: the group partials are [", request.y.rows(), ", ", request.y.cols(),
+              "] but the plan and layer expect [", request.plan.group_row_count(), ", ", d.hidden,
+              "] (one row per token and picked group)");
+      require(request.saved == nullptr, "grove: a training forward writes y, not group partials");
+    } else {
+      require(request.saved == nullptr || request.plan.adjugates != adjugate_mode::once_per_pick,
+              "grove: a training forward needs adjugate_mode::once_per_token or none (the backward has no "
+              "once_per_pick)");
+      require_batch_shapes(d, request.plan, request.y.rows(), request.y.cols(), "output y");
+    }
     if constexpr (std::is_same_v<W, float>) {
       schedule_f32_.build(request.weights, request.plan, shape_);
       float* gate_out = nullptr;
@@ -86,15 +99,16 @@ class cpu_engine {
         gate_out = request.saved->gate.data();
         up_out = request.saved->up.data();
       }
-      run_pass<float, float, float>(schedule_f32_, request.x, request.y, x_f32_, h_f32_, gate_out, up_out);
+      run_pass<float, float, float>(schedule_f32_, request.x, request.y, partials, x_f32_, h_f32_, gate_out, up_out);
     } else {
       require(request.saved == nullptr,
               "grove: a training forward needs fp32 weights (there is no BF16 backward yet)");
       schedule_bf16_.build(request.weights, request.plan, shape_);
       if (kernels_->bf16_dot.gate_up != nullptr)
-        run_pass<std::uint16_t, std::uint16_t, std::uint16_t>(schedule_bf16_, request.x, request.y, x_bf16_, h_bf16_);
+        run_pass<std::uint16_t, std::uint16_t, std::uint16_t>(schedule_bf16_, request.x, request.y, partials, x_bf16_,
+                                                              h_bf16_);
       else
-        run_pass<float, std::uint16_t, float>(schedule_bf16_, request.x, request.y, x_f32_, h_f32_);
+        run_pass<float, std::uint16_t, float>(schedule_bf16_, request.x, request.y, partials, x_f32_, h_f32_);
     }
   }
 
@@ -126,12 +140,12 @@ class cpu_engine {
   [[nodiscard]] std::size_t workspace_bytes() const {
     return x_f32_.bytes() + x_bf16_.bytes() + h_f32_.bytes() + h_bf16_.bytes() + schedule_f32_.bytes() +
            schedule_bf16_.bytes() + gate_.bytes() + up_.bytes() + dg_.bytes() + du_.bytes() + dots_.bytes() +
-           pack_.bytes() + backward_schedule_.bytes() + sizeof(float) * static_cast<std::size_t>(group_dots_.size());
+           pack_.bytes() + partial_.bytes() + backward_schedule_.bytes() + sizeof(float) * static_cast<std::size_t>(group_dots_.size());
   }
   [[nodiscard]] std::size_t workspace_allocations() const {
     return x_f32_.allocations() + x_bf16_.allocations() + h_f32_.allocations() + h_bf16_.allocations() +
            schedule_f32_.allocations() + schedule_bf16_.allocations() + gate_.allocations() + up_.allocations() +
-           dg_.allocations() + du_.allocations() + dots_.allocations() + pack_.allocations() +
+           dg_.allocations() + du_.allocations() + dots_.allocations() + pack_.allocations() + partial_.allocations() +
            backward_schedule_.allocations();
   }
 
@@ -185,32 +199,54 @@ class cpu_engine {
     });
   }
 
+  /// What every pass over `schedule` reads: its items, the staged x and the sizes.
   template <class A, class Wbits, class Hs, class W>
-  void run_pass(const expert_schedule<W>& schedule, const_rows_ref<float> x, rows_ref<float> y,
+  static tile_pass<A, Wbits, Hs> tile_pass_of(const expert_schedule<W>& schedule, const A* staged, index ldx) {
+    tile_pass<A, Wbits, Hs> pass{};
+    pass.items = schedule.items().data();
+    pass.item_count = static_cast<index>(schedule.items().size());
+    pass.x = staged;
+    pass.ldx = ldx;
+    pass.hidden = schedule.hidden();
+    pass.tokens = schedule.tokens();
+    pass.down_cols = schedule.shape().down_cols;
+    return pass;
+  }
+
+  /// Each thread's scratch of group partials (a down or dx tile's group rows × its columns).
+  float* partial_scratch(index group_rows, index cols, index& per_thread) {
+    per_thread = std::max<index>(group_rows * cols, 1);
+    per_thread = (per_thread + 15) / 16 * 16;  // each thread's part on its own cache lines
+    return partial_.get(static_cast<std::size_t>(per_thread * pool_->size()));
+  }
+
+  template <class A, class Wbits, class Hs, class W>
+  void run_pass(const expert_schedule<W>& schedule, const_rows_ref<float> x, rows_ref<float> y, bool partials,
                 growing_buffer<A>& x_stage, growing_buffer<Hs>& h_buffer, float* gate_out = nullptr,
                 float* up_out = nullptr) {
     using clock = std::chrono::steady_clock;
     const auto start = clock::now();
     timings_ = {};
-    const index T = schedule.tokens(), H = schedule.hidden();
+    const index T = schedule.tokens();
     if (T == 0) return;
     index ldx = 0;
     const A* staged = stage<A>(x, x_stage, ldx);
     Hs* h = h_buffer.get(static_cast<std::size_t>(std::max<index>(schedule.h_elements(), 1)));
 
     static_assert(std::is_same_v<weight_bits_t<W>, Wbits>);
-    const tile_pass<A, Wbits, Hs> pass{schedule.items().data(),
-                                       static_cast<index>(schedule.items().size()),
-                                       staged,
-                                       ldx,
-                                       H,
-                                       h,
-                                       y.data(),
-                                       y.outerStride(),
-                                       T,
-                                       schedule.shape().down_cols,
-                                       gate_out,
-                                       up_out};
+    auto pass = tile_pass_of<A, Wbits, Hs>(schedule, staged, ldx);
+    pass.h = h;
+    pass.y = partials ? nullptr : y.data();
+    pass.ldy = y.outerStride();
+    pass.gate_out = gate_out;
+    pass.up_out = up_out;
+    pass.groups = schedule.groups().data();
+    pass.group_count = static_cast<index>(schedule.groups().size());
+    pass.group_slots = schedule.group_slots();
+    pass.partials = partials ? y.data() : nullptr;
+    pass.ldp = y.outerStride();
+    index scratch_per_thread = 0;
+    float* scratch = partial_scratch(schedule.max_group_rows(), pass.down_cols, scratch_per_thread);
     const auto down = kernels_->forward<A, Wbits, Hs>().down;
     // Gate/up tiles, then down tiles (each region ends when all its work is done). A thread
     // claims its next tile before running the current one, so that the current tile can
@@ -219,7 +255,9 @@ class cpu_engine {
     const auto staged_at = clock::now();
     run_gate_up(pass, schedule.gate_up_tiles());
     const auto gate_up_at = clock::now();
-    run_tiles(schedule.down_tiles(), [&](int, index current, index following) { down(pass, current, following); });
+    run_tiles(schedule.down_tiles(), [&](int thread, index current, index following) {
+      down(pass, current, following, scratch + thread * scratch_per_thread);
+    });
     const auto done_at = clock::now();
     timings_.stage = std::chrono::duration<double>(staged_at - start).count();
     timings_.gate_up = std::chrono::duration<double>(gate_up_at - staged_at).count();
@@ -237,6 +275,7 @@ class cpu_engine {
   // Backward's workspace: g and u when recomputed, dg and du, partial dots (w·h lives in h_f32_).
   backward_schedule backward_schedule_;
   growing_buffer<float> gate_, up_, dg_, du_, dots_, pack_;
+  growing_buffer<float> partial_;  // per-thread group partials of the down and dx tiles
   row_matrix<float> group_dots_;
 };
 
@@ -247,6 +286,8 @@ inline void cpu_engine::backward(const expert_backward<float>& request) {
   rows_ref<float> dx = request.dx;  // a request is read-only; the Ref it holds writes
   require_backward_inputs<float>(weights.dims(), plan, request.x, request.dy, request.dx, request.grads.dims(),
                                  request.saved);
+  require(plan.adjugates != adjugate_mode::once_per_pick,
+          "grove: the CPU backward runs adjugate_mode::once_per_token and none; once_per_pick is forward only");
   using clock = std::chrono::steady_clock;
   const auto start = clock::now();
   timings_ = {};
@@ -271,18 +312,9 @@ inline void cpu_engine::backward(const expert_backward<float>& request) {
   } else {
     float* g = gate_.get(h_size);
     float* u = up_.get(h_size);
-    const tile_pass<float, float, float> pass{schedule.items().data(),
-                                              static_cast<index>(schedule.items().size()),
-                                              staged,
-                                              ldx,
-                                              H,
-                                              nullptr,
-                                              nullptr,
-                                              0,
-                                              T,
-                                              schedule.shape().down_cols,
-                                              g,
-                                              u};
+    auto pass = tile_pass_of<float, float, float>(schedule, staged, ldx);
+    pass.gate_out = g;
+    pass.up_out = u;
     run_gate_up(pass, schedule.gate_up_tiles());
     gate = g;
     up = u;
@@ -307,7 +339,10 @@ inline void cpu_engine::backward(const expert_backward<float>& request) {
                            dx.data(),
                            dx.outerStride(),
                            backward_schedule::dx_cols,
-                           H};
+                           H,
+                           schedule.groups().data(),
+                           static_cast<index>(schedule.groups().size()),
+                           schedule.group_slots()};
   const cpu_kernel_table& kernels = *kernels_;
   const std::span<const gate_up_tile> dh_tiles = tiles.dh_tiles();
   // Each thread packs the weight panel of its dh and dx tiles into its own part of pack_.
@@ -336,9 +371,11 @@ inline void cpu_engine::backward(const expert_backward<float>& request) {
   // from one counter: the fewer, larger dx tiles first.
   const index dx_tiles = tiles.dx_tiles();
   const std::span<const gradient_tile> gradient_tiles = tiles.gradient_tiles();
+  index scratch_per_thread = 0;
+  float* scratch = partial_scratch(schedule.max_group_rows(), backward_schedule::dx_cols, scratch_per_thread);
   run_tiles(dx_tiles + static_cast<index>(gradient_tiles.size()), [&](int thread, index current, index) {
     if (current < dx_tiles)
-      kernels.dx(pass, current, pack + thread * pack_per_thread);
+      kernels.dx(pass, current, pack + thread * pack_per_thread, scratch + thread * scratch_per_thread);
     else
       kernels.gradient(pass, gradient_tiles[static_cast<std::size_t>(current - dx_tiles)]);
   });

@@ -30,6 +30,9 @@ void forward_experts_saving_simple(const std::type_identity_t<weights_view<Scala
   const layer_dims& d = weights.dims();
   detail::require_batch_shapes(d, plan, x.rows(), x.cols(), "input x");
   detail::require_batch_shapes(d, plan, y.rows(), y.cols(), "output y");
+  detail::require(plan.adjugates != adjugate_mode::once_per_pick,
+                  "grove: a training forward needs adjugate_mode::once_per_token or none (the backward has no "
+                  "once_per_pick)");
   saved.reset(d, plan);
   y.setZero();
   detail::swiglu_batch_scratch<Scalar> s;
@@ -43,7 +46,8 @@ void forward_experts_saving_simple(const std::type_identity_t<weights_view<Scala
     matrix_map<Scalar>(saved.up.data() + start, n, inter) = s.up;
   };
   for (index e = 0; e < d.experts; ++e) run(weights.expert(e), plan.rows_of_expert(e), saved.expert_start(e));
-  for (index j = 0; j < d.groups; ++j) run(weights.adjugate(j), plan.rows_of_adjugate(j), saved.adjugate_start(j));
+  if (plan.adjugates == adjugate_mode::once_per_token)
+    for (index j = 0; j < d.groups; ++j) run(weights.adjugate(j), plan.rows_of_adjugate(j), saved.adjugate_start(j));
 }
 
 /// Backward of every routed expert and every activated adjugate of a plan (docs/math.md,
@@ -64,6 +68,8 @@ void backward_experts_simple(const std::type_identity_t<weights_view<Scalar>>& w
                              std::type_identity_t<rows_ref<Scalar>> dx, row_matrix<Scalar>& dw) {
   const layer_dims& d = weights.dims();
   detail::require_backward_inputs<Scalar>(d, plan, x, dy, dx, grads.dims(), saved);
+  detail::require(plan.adjugates != adjugate_mode::once_per_pick,
+                  "grove: the CPU backward runs adjugate_mode::once_per_token and none; once_per_pick is forward only");
 
   dw.setZero(plan.tokens, plan.top_k);
   row_matrix<Scalar> group_dots = row_matrix<Scalar>::Zero(plan.tokens, plan.max_groups());
@@ -90,9 +96,10 @@ void backward_experts_simple(const std::type_identity_t<weights_view<Scalar>>& w
   };
   for (index e = 0; e < d.experts; ++e)
     run(weights.expert(e), grads.expert(e), plan.rows_of_expert(e), saved ? saved->expert_start(e) : 0, dw);
-  for (index j = 0; j < d.groups; ++j)
-    run(weights.adjugate(j), grads.adjugate(j), plan.rows_of_adjugate(j), saved ? saved->adjugate_start(j) : 0,
-        group_dots);
+  if (plan.adjugates == adjugate_mode::once_per_token)
+    for (index j = 0; j < d.groups; ++j)
+      run(weights.adjugate(j), grads.adjugate(j), plan.rows_of_adjugate(j), saved ? saved->adjugate_start(j) : 0,
+          group_dots);
 
   detail::add_adjugate_dots(plan, group_dots, dw);
 }

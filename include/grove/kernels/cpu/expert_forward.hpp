@@ -3,6 +3,7 @@
 #include <span>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "grove/error.hpp"
 #include "grove/weights/layer_weights.hpp"
@@ -19,7 +20,8 @@ namespace cpu {
 /// (cpu_runner) is measured and tested against, and the path for fp64: each expert and each adjugate processes its rows of the plan as one batch
 /// with Eigen products (gather, gate/up product, SwiGLU, down product, weighted scatter-add),
 /// one after the other on the calling thread. Summation order is fixed (experts by index, then
-/// adjugates; tokens ascending). Eigen vectorises only for the instruction sets the translation
+/// adjugates; tokens ascending), not the canonical one of plan/combine.hpp: a baseline, compared
+/// with tolerances. Eigen vectorises only for the instruction sets the translation
 /// unit is compiled for.
 template <class Scalar>
 void forward_experts_simple(const weights_view<Scalar>& weights, const routing_plan<Scalar>& plan,
@@ -34,7 +36,18 @@ void forward_experts_simple(const weights_view<Scalar>& weights, const routing_p
     if (!rows.empty()) detail::swiglu_batch_forward<Scalar>(mlp, rows, x, scratch, y);
   };
   for (index e = 0; e < d.experts; ++e) run(weights.expert(e), plan.rows_of_expert(e));
-  for (index j = 0; j < d.groups; ++j) run(weights.adjugate(j), plan.rows_of_adjugate(j));
+  if (plan.adjugates == adjugate_mode::once_per_token) {
+    for (index j = 0; j < d.groups; ++j) run(weights.adjugate(j), plan.rows_of_adjugate(j));
+  } else if (plan.adjugates == adjugate_mode::once_per_pick) {
+    // Each pick's adjugate term, λ·w_s · A_{e_s / group_size}(x), over the expert's rows.
+    std::vector<dispatch_row<Scalar>> rows;
+    for (index e = 0; e < d.experts; ++e) {
+      const auto picks = plan.rows_of_expert(e);
+      rows.assign(picks.begin(), picks.end());
+      for (auto& row : rows) row.weight *= static_cast<Scalar>(plan.scale);
+      run(weights.adjugate(e / d.group_size()), rows);
+    }
+  }
 }
 
 }  // namespace cpu

@@ -52,9 +52,22 @@ struct expert_item {
   const dispatch_row<float>* rows = nullptr;
   index row_count = 0;
   index h_offset = 0;  ///< where this item's [row_count, inter] block of h starts in the workspace
-  index first_row = 0; ///< the plan's row number of its first row (expert rows, then adjugate rows)
+  index first_row = 0; ///< the schedule's number of its first row (rows of all items, in item order)
   std::int32_t id = 0;
   bool adjugate = false;
+};
+
+/// The items of one group, in the order of the canonical sum (plan/combine.hpp): its routed
+/// experts by ascending id, each followed by its per-pick adjugate item in once_per_pick mode,
+/// then its adjugate in once_per_token mode. `rows` are the group's rows: its distinct tokens in
+/// ascending order (the plan's rows_of_adjugate(group)), the rows of its partial p(t, g); each
+/// item row knows its place among them (expert_schedule::group_slots).
+struct group_span {
+  std::int32_t group = 0;
+  std::int32_t item_begin = 0, item_end = 0;
+  const dispatch_row<float>* rows = nullptr;
+  index row_count = 0;
+  index first_row = 0;  ///< the plan's group-row number of rows[0] (its adjugate_offsets[group])
 };
 
 /// (item, rows [row_begin, row_end), intermediate columns [col_begin, col_end)) of the gate/up
@@ -66,9 +79,9 @@ struct gate_up_tile {
 };
 
 /// The work of one batch, built from a routing_plan (docs/performance.md, "Schedule"): the
-/// items in the fixed order in which their outputs are summed into y (routed experts by index,
-/// then adjugates by index, each over its rows in the plan's ascending token order), the
-/// gate/up tiles, and the number of down tiles. Building reuses the storage of the previous
+/// items group by group in the order of the canonical sum (group_span), each over its rows in
+/// the plan's ascending token order, the gate/up tiles, and the number of down tiles. The plan's
+/// adjugate_mode says which adjugate items there are. Building reuses the storage of the previous
 /// batch: no allocation once it has seen a batch as large.
 template <class W>
 class expert_schedule {
@@ -81,49 +94,88 @@ class expert_schedule {
                     "grove: the routing plan was made for another layer (E or G differ)");
     detail::require(shape.gate_up_rows >= 1 && shape.gate_up_cols >= 1 && shape.down_cols >= 1,
                     "grove: schedule tile sizes must be positive");
-    const std::size_t item_capacity = items_.capacity(), tile_capacity = tiles_.capacity();
+    const std::size_t capacities[] = {items_.capacity(), tiles_.capacity(), groups_.capacity(),
+                                      slots_.capacity(), pick_rows_.capacity()};
     shape_ = shape;
     hidden_ = d.hidden;
     tokens_ = plan.tokens;
     items_.clear();
     tiles_.clear();
-    h_elements_ = 0;
+    groups_.clear();
     row_total_ = 0;
     max_rows_ = 0;
-    auto add = [&](const swiglu_weights<const W>& mlp, std::span<const dispatch_row<float>> rows, index id,
-                   bool adjugate) {
-      if (rows.empty()) return;
-      item_type item;
-      item.gate = reinterpret_cast<const weight_bits_t<W>*>(mlp.gate.data());
-      item.up = reinterpret_cast<const weight_bits_t<W>*>(mlp.up.data());
-      item.down = reinterpret_cast<const weight_bits_t<W>*>(mlp.down.data());
-      item.inter = mlp.gate.rows();
-      item.rows = rows.data();
-      item.row_count = static_cast<index>(rows.size());
-      item.h_offset = h_elements_;
-      item.first_row = row_total_;
-      row_total_ += item.row_count;
-      item.id = static_cast<std::int32_t>(id);
-      item.adjugate = adjugate;
-      h_elements_ += item.row_count * item.inter;
-      max_rows_ = std::max(max_rows_, item.row_count);
-      const auto item_index = static_cast<std::int32_t>(items_.size());
-      items_.push_back(item);
-      for (index r = 0; r < item.row_count; r += shape.gate_up_rows)
-        for (index c = 0; c < item.inter; c += shape.gate_up_cols)
-          tiles_.push_back(gate_up_tile{item_index, static_cast<std::int32_t>(r),
-                                        static_cast<std::int32_t>(std::min(r + shape.gate_up_rows, item.row_count)),
-                                        static_cast<std::int32_t>(c),
-                                        static_cast<std::int32_t>(std::min(c + shape.gate_up_cols, item.inter))});
-    };
-    for (index e = 0; e < d.experts; ++e) add(weights.expert(e), plan.rows_of_expert(e), e, false);
-    for (index j = 0; j < d.groups; ++j) add(weights.adjugate(j), plan.rows_of_adjugate(j), j, true);
-    allocations_ += (items_.capacity() != item_capacity) + (tiles_.capacity() != tile_capacity);
+    max_group_rows_ = 0;
+    const bool per_pick = plan.adjugates == adjugate_mode::once_per_pick;
+    const bool per_token = plan.adjugates == adjugate_mode::once_per_token;
+    const float lambda = static_cast<float>(plan.scale);
+    // Per-pick adjugate rows: the expert rows with weight λ·w_s (sized before any item points in).
+    if (per_pick) {
+      pick_rows_.resize(plan.expert_rows.size());
+      for (std::size_t r = 0; r < plan.expert_rows.size(); ++r) {
+        pick_rows_[r] = plan.expert_rows[r];
+        pick_rows_[r].weight = lambda * plan.expert_rows[r].weight;
+      }
+    }
+    slots_.resize(plan.expert_rows.size() * (per_pick ? 2 : 1) + (per_token ? plan.adjugate_rows.size() : 0));
+    // h keeps the plan's layout whatever the item order (saved_activations documents it): expert
+    // rows at their plan offsets (I each), then adjugate rows (Ia each), then per-pick rows.
+    const index I = d.expert_intermediate, Ia = d.adjugate_intermediate;
+    const index expert_h = static_cast<index>(plan.expert_rows.size()) * I;
+    const index adjugate_h = static_cast<index>(plan.adjugate_rows.size()) * Ia;
+    h_elements_ = expert_h + adjugate_h + (per_pick ? static_cast<index>(plan.expert_rows.size()) * Ia : 0);
+    for (index j = 0; j < d.groups; ++j) {
+      const std::span<const dispatch_row<float>> group_rows = plan.rows_of_adjugate(j);
+      if (group_rows.empty()) {
+        detail::require(plan.expert_offsets[static_cast<std::size_t>(j * d.group_size())] ==
+                            plan.expert_offsets[static_cast<std::size_t>((j + 1) * d.group_size())],
+                        "grove: routing plan: group ", j, " has picks but no group rows (adjugate rows); set "
+                        "plan.adjugates = adjugate_mode::none to leave the adjugates out");
+        continue;
+      }
+      group_span span;
+      span.group = static_cast<std::int32_t>(j);
+      span.item_begin = static_cast<std::int32_t>(items_.size());
+      span.rows = group_rows.data();
+      span.row_count = static_cast<index>(group_rows.size());
+      span.first_row = plan.adjugate_offsets[static_cast<std::size_t>(j)];
+      max_group_rows_ = std::max(max_group_rows_, span.row_count);
+      for (index e = j * d.group_size(); e < (j + 1) * d.group_size(); ++e) {
+        const std::span<const dispatch_row<float>> rows = plan.rows_of_expert(e);
+        if (rows.empty()) continue;
+        const index first = row_total_;
+        const auto at = static_cast<std::size_t>(rows.data() - plan.expert_rows.data());
+        add(weights.expert(e), rows, e, false, shape, static_cast<index>(at) * I);
+        place_in_group(group_rows, rows, first, j);
+        if (per_pick) {
+          const index first_pick = row_total_;
+          add(weights.adjugate(j), std::span<const dispatch_row<float>>(pick_rows_).subspan(at, rows.size()), j, true,
+              shape, expert_h + adjugate_h + static_cast<index>(at) * Ia);
+          std::copy_n(slots_.begin() + first, rows.size(), slots_.begin() + first_pick);
+        }
+      }
+      if (per_token) {
+        const index first = row_total_;
+        add(weights.adjugate(j), group_rows, j, true, shape, expert_h + span.first_row * Ia);
+        for (index r = 0; r < span.row_count; ++r)
+          slots_[static_cast<std::size_t>(first + r)] = static_cast<std::int32_t>(r);
+      }
+      span.item_end = static_cast<std::int32_t>(items_.size());
+      groups_.push_back(span);
+    }
+    const std::size_t now[] = {items_.capacity(), tiles_.capacity(), groups_.capacity(), slots_.capacity(),
+                               pick_rows_.capacity()};
+    for (std::size_t i = 0; i < std::size(now); ++i) allocations_ += now[i] != capacities[i];
   }
 
   [[nodiscard]] std::span<const item_type> items() const { return items_; }
   [[nodiscard]] std::span<const gate_up_tile> gate_up_tiles() const { return tiles_; }
-  /// Down tiles: column blocks of y, each summing every item in item order.
+  /// The groups with rows, ascending, each with its items.
+  [[nodiscard]] std::span<const group_span> groups() const { return groups_; }
+  /// For every item row (numbered by first_row), its place among its group's rows.
+  [[nodiscard]] const std::int32_t* group_slots() const { return slots_.data(); }
+  /// Rows of the largest group (the per-thread partial scratch of a down or dx tile).
+  [[nodiscard]] index max_group_rows() const { return max_group_rows_; }
+  /// Down tiles: column blocks of y, each summing every group in order.
   [[nodiscard]] index down_tiles() const { return tokens_ == 0 ? 0 : (hidden_ + shape_.down_cols - 1) / shape_.down_cols; }
   [[nodiscard]] const schedule_shape& shape() const { return shape_; }
   [[nodiscard]] index hidden() const { return hidden_; }
@@ -135,20 +187,67 @@ class expert_schedule {
   [[nodiscard]] index row_total() const { return row_total_; }
   /// Bytes of the schedule's own storage (its capacity).
   [[nodiscard]] std::size_t bytes() const {
-    return items_.capacity() * sizeof(item_type) + tiles_.capacity() * sizeof(gate_up_tile);
+    return items_.capacity() * sizeof(item_type) + tiles_.capacity() * sizeof(gate_up_tile) +
+           groups_.capacity() * sizeof(group_span) + slots_.capacity() * sizeof(std::int32_t) +
+           pick_rows_.capacity() * sizeof(dispatch_row<float>);
   }
   /// Times build() had to grow its storage.
   [[nodiscard]] std::size_t allocations() const { return allocations_; }
 
  private:
+  void add(const swiglu_weights<const W>& mlp, std::span<const dispatch_row<float>> rows, index id, bool adjugate,
+           const schedule_shape& shape, index h_offset) {
+    detail::require(mlp.gate.data() != nullptr && mlp.up.data() != nullptr && mlp.down.data() != nullptr,
+                    "grove: the plan has rows for ", adjugate ? "adjugate " : "expert ", id,
+                    " but the weights do not hold it (a weights view of other groups?)");
+    item_type item;
+    item.gate = reinterpret_cast<const weight_bits_t<W>*>(mlp.gate.data());
+    item.up = reinterpret_cast<const weight_bits_t<W>*>(mlp.up.data());
+    item.down = reinterpret_cast<const weight_bits_t<W>*>(mlp.down.data());
+    item.inter = mlp.gate.rows();
+    item.rows = rows.data();
+    item.row_count = static_cast<index>(rows.size());
+    item.h_offset = h_offset;
+    item.first_row = row_total_;
+    row_total_ += item.row_count;
+    item.id = static_cast<std::int32_t>(id);
+    item.adjugate = adjugate;
+    max_rows_ = std::max(max_rows_, item.row_count);
+    const auto item_index = static_cast<std::int32_t>(items_.size());
+    items_.push_back(item);
+    for (index r = 0; r < item.row_count; r += shape.gate_up_rows)
+      for (index c = 0; c < item.inter; c += shape.gate_up_cols)
+        tiles_.push_back(gate_up_tile{item_index, static_cast<std::int32_t>(r),
+                                      static_cast<std::int32_t>(std::min(r + shape.gate_up_rows, item.row_count)),
+                                      static_cast<std::int32_t>(c),
+                                      static_cast<std::int32_t>(std::min(c + shape.gate_up_cols, item.inter))});
+  }
+
+  /// Each row of an expert of group j: its place among the group's rows (both lists ascend by
+  /// token, so one merge finds them all).
+  void place_in_group(std::span<const dispatch_row<float>> group_rows, std::span<const dispatch_row<float>> rows,
+                      index first, index j) {
+    std::size_t at = 0;
+    for (std::size_t r = 0; r < rows.size(); ++r) {
+      while (at < group_rows.size() && group_rows[at].token < rows[r].token) ++at;
+      detail::require(at < group_rows.size() && group_rows[at].token == rows[r].token, "grove: routing plan: token ",
+                      rows[r].token, " has a pick in group ", j, " but is not among the group's rows");
+      slots_[static_cast<std::size_t>(first) + r] = static_cast<std::int32_t>(at);
+    }
+  }
+
   std::vector<item_type> items_;
   std::vector<gate_up_tile> tiles_;
+  std::vector<group_span> groups_;
+  std::vector<std::int32_t> slots_;
+  std::vector<dispatch_row<float>> pick_rows_;
   schedule_shape shape_{};
   index hidden_ = 0;
   index tokens_ = 0;
   index h_elements_ = 0;
   index row_total_ = 0;
   index max_rows_ = 0;
+  index max_group_rows_ = 0;
   std::size_t allocations_ = 0;
 };
 

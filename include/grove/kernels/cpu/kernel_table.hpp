@@ -65,7 +65,7 @@ namespace detail {
 template <class A, class W, class Hs>
 struct forward_kernels {
   void (*gate_up)(const tile_pass<A, W, Hs>&, const gate_up_tile&, const gate_up_tile*) = nullptr;
-  void (*down)(const tile_pass<A, W, Hs>&, index tile, index following) = nullptr;
+  void (*down)(const tile_pass<A, W, Hs>&, index tile, index following, float* partial) = nullptr;
 };
 
 /// Every kernel of the fused CPU pass at one instruction-set level. A null entry is a kernel
@@ -79,7 +79,7 @@ struct cpu_kernel_table {
   void (*stage_bf16)(const float* x, index ldx_in, index hidden, index r0, index r1, std::uint16_t* out, index ld_out);
   void (*dh)(const backward_pass&, const gate_up_tile&, float* packed);
   void (*gradient)(const backward_pass&, const gradient_tile&);
-  void (*dx)(const backward_pass&, index tile, float* packed);
+  void (*dx)(const backward_pass&, index tile, float* packed, float* partial);
 
   /// The forward kernels for staged activations A, weight bits W and h elements Hs.
   template <class A, class W, class Hs>

@@ -29,6 +29,13 @@ struct tile_pass {
   index down_cols;
   float* gate_out = nullptr;  ///< when set, g and u are also stored there (layout of h)
   float* up_out = nullptr;
+  // The canonical sum (plan/combine.hpp): a down tile sums each group's items into a scratch of
+  // the group's rows (per thread, max_group_rows × down_cols floats), then adds it to y.
+  const group_span* groups = nullptr;
+  index group_count = 0;
+  const std::int32_t* group_slots = nullptr;  ///< per item row (first_row numbering): its group row
+  float* partials = nullptr;  ///< when set: the group partials go there (row: plan group row), y untouched
+  index ldp = 0;
 };
 
 /// What the backward tile kernels read and write; fp32 throughout. Buffers "in the layout of
@@ -52,6 +59,9 @@ struct backward_pass {
   index lddx;
   index dx_cols;
   index hidden;
+  const group_span* groups;  ///< dx sums group by group, like y (plan/combine.hpp)
+  index group_count;
+  const std::int32_t* group_slots;
 };
 
 }  // namespace detail

@@ -17,7 +17,7 @@ namespace reference {
 
 /// The layer computed the plainest way: one token at a time, every dot product a loop, sums in
 /// double, straight from docs/math.md, sharing no code with the routing plan or the kernels.
-/// It is slow on purpose. The demo checks the real path against it on a sample, and the
+/// It is slow on purpose. options.adjugates says how adjugates enter (plan/dispatch.hpp). The demo checks the real path against it on a sample, and the
 /// benchmarks use it as the naive baseline.
 template <class Scalar>
 row_matrix<Scalar> forward(const weights_view<Scalar>& weights, const routing_options& options,
@@ -76,10 +76,13 @@ row_matrix<Scalar> forward(const weights_view<Scalar>& weights, const routing_op
       const double w = std::exp(logits[static_cast<std::size_t>(e)] - top) / sum;
       add_mlp(weights.expert(e), in, w, out);
       group_weight[static_cast<std::size_t>(e / d.group_size())] += w;
+      if (options.adjugates == adjugate_mode::once_per_pick)
+        add_mlp(weights.adjugate(e / d.group_size()), in, options.scale * w, out);
     }
-    for (index j = 0; j < d.groups; ++j)
-      if (group_weight[static_cast<std::size_t>(j)] > 0)
-        add_mlp(weights.adjugate(j), in, options.scale * group_weight[static_cast<std::size_t>(j)], out);
+    if (options.adjugates == adjugate_mode::once_per_token)
+      for (index j = 0; j < d.groups; ++j)
+        if (group_weight[static_cast<std::size_t>(j)] > 0)
+          add_mlp(weights.adjugate(j), in, options.scale * group_weight[static_cast<std::size_t>(j)], out);
     for (index c = 0; c < H; ++c) y(t, c) = static_cast<Scalar>(out[static_cast<std::size_t>(c)]);
   }
   return y;

@@ -374,12 +374,15 @@ void gradient_tile(const Pass& pass, const detail::gradient_tile& tile) {
 }
 
 /// Columns [c0, c0 + width ≤ 64) of dx for one item: each of its rows adds dg G_e + du U_e to
-/// its token's row, the sums continuing dx's own.
+/// its group row of `partial` ([group rows, partial_width], column c0 at partial_col), the sums
+/// continuing the partial's own.
 template <class Pass, class Item>
-void dx_block(const Pass& pass, const Item& item, index c0, index width, float* pack) {
+void dx_block(const Pass& pass, const Item& item, index c0, index width, float* partial, index partial_width,
+              index partial_col, float* pack) {
   const index H = pass.hidden;
   const index inter = item.inter;
   const index chunk_size = panel_chunk_rows_dual * block_cols;
+  const std::int32_t* slots = pass.group_slots + item.first_row;
   for (index k0 = 0; k0 < inter; k0 += panel_chunk_rows_dual) {
     const index k1 = inter - k0 < panel_chunk_rows_dual ? inter : k0 + panel_chunk_rows_dual;
     for (index r0 = 0; r0 < item.row_count; r0 += MR) {
@@ -391,7 +394,7 @@ void dx_block(const Pass& pass, const Item& item, index c0, index width, float* 
         const index row = r0 + (r < m ? r : 0);
         a[r] = pass.dg + item.h_offset + row * inter;
         a2[r] = pass.du + item.h_offset + row * inter;
-        dx_rows[r] = pass.dx + static_cast<index>(item.rows[row].token) * pass.lddx + c0;
+        dx_rows[r] = partial + static_cast<index>(slots[row]) * partial_width + partial_col;
       }
       for (index v0 = 0; v0 < width; v0 += block_cols) {
         const index w = width - v0 < block_cols ? width - v0 : block_cols;
@@ -409,18 +412,36 @@ void dx_block(const Pass& pass, const Item& item, index c0, index width, float* 
   }
 }
 
-/// A dx tile: columns [c0, c0 + dx_cols) of dx, every item in order, in blocks of 64 columns
-/// (the item's dg and du rows stay cached from one block to the next). Each element of dx
-/// receives its adds in the same order whatever the thread count.
+/// A dx tile: columns [c0, c0 + dx_cols) of dx, group by group (the canonical sum of
+/// plan/combine.hpp, with the caller's dx as the first operand): the group's items, in blocks of
+/// 64 columns (an item's dg and du rows stay cached from one block to the next), summed into
+/// this thread's `partial` from +0, which is then added to dx. Each element of dx receives its
+/// adds in the same order whatever the thread count.
 template <class Pass>
-void dx_tile(const Pass& pass, index tile, float* pack) {
+void dx_tile(const Pass& pass, index tile, float* pack, float* partial) {
   const index H = pass.hidden;
   const index c_begin = tile * pass.dx_cols;
   const index c_end = H - c_begin < pass.dx_cols ? H : c_begin + pass.dx_cols;
+  const index width = c_end - c_begin;
   constexpr index block = detail::backward_schedule::block_cols;
-  for (index i = 0; i < pass.item_count; ++i)
-    for (index c0 = c_begin; c0 < c_end; c0 += block)
-      dx_block(pass, pass.items[i], c0, c_end - c0 < block ? c_end - c0 : block, pack);
+  for (index g = 0; g < pass.group_count; ++g) {
+    const detail::group_span& group = pass.groups[g];
+    const index n = group.row_count * width;
+    for (index i = 0; i < n; ++i) partial[i] = 0.0f;
+    for (index i = group.item_begin; i < group.item_end; ++i)
+      for (index c0 = c_begin; c0 < c_end; c0 += block)
+        dx_block(pass, pass.items[i], c0, c_end - c0 < block ? c_end - c0 : block, partial, width, c0 - c_begin, pack);
+    for (index r = 0; r < group.row_count; ++r) {
+      float* to = pass.dx + static_cast<index>(group.rows[r].token) * pass.lddx + c_begin;
+      const float* from = partial + r * width;
+      index c = 0;
+      for (; c + lanes <= width; c += lanes) (fbatch::load(to + c) + fbatch::load(from + c)).store(to + c);
+      if (c < width) {
+        const int left = static_cast<int>(width - c);
+        (fbatch::load_partial(to + c, left) + fbatch::load_partial(from + c, left)).store_partial(to + c, left);
+      }
+    }
+  }
 }
 
 }  // namespace backward

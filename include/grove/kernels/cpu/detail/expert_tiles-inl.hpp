@@ -10,9 +10,11 @@
 //    dot_block2 does the gate and up projections together (2·MR·NR accumulators).
 //  - gate_up_tile: rows of an item × a block of intermediate columns: gate/up products, then
 //    SwiGLU (vectorised) into h.
-//  - down_tile: a block of y's columns: zero it, then for every item in order, down product of
-//    its h rows and weighted scatter-add into y. Every y element therefore receives its adds in
-//    the same order whatever the thread count.
+//  - down_tile: a block of y's columns: zero it, then group by group: the down products of the
+//    group's items, each weighted row an fma into the group's partial (a per-thread scratch of
+//    the group's rows, from +0), then the partial added to y (plan/combine.hpp, the canonical
+//    sum). Every y element therefore receives its adds in the same order whatever the thread
+//    count, and the partials can instead be handed to a combine that runs elsewhere.
 // Operand policies P: fp32 weights (fma), bf16 weights widened to fp32 (fma), and on AVX512_BF16
 // bf16 weights with bf16 activations (vdpbf16ps, pairs of K per lane).
 //
@@ -406,14 +408,17 @@ void down_block(const typename P::a_type* const* a, const typename P::w_type* co
     for (int c = 0; c < valid; ++c) y[r][c0 + c] = fbatch::fmadd_scalar(weight[r], out[r * NR + c], y[r][c0 + c]);
 }
 
-/// An item's rows against y's columns [c_begin, c_end), in panels of NR down-projection rows.
+/// An item's rows against y's columns [c_begin, c_end), in panels of NR down-projection rows,
+/// each weighted row added into its group row of `partial` ([group rows, c_end - c_begin]).
 template <class P, int NR, class Pass>
 void down_panels(const Pass& pass, const detail::expert_item<typename P::w_type>& item, index c_begin, index c_end,
-                 const detail::expert_item<typename P::w_type>* following, index following_col) {
+                 float* partial, const detail::expert_item<typename P::w_type>* following, index following_col) {
   using w_ptr = const typename P::w_type*;
   constexpr int MR = NR == down_cols(1) ? 1 : NR == down_cols(2) ? 2 : NR == down_cols(3) ? 3 : max_rows;
   const index K = item.inter;
   const index rows = item.row_count;
+  const index width = c_end - c_begin;
+  const std::int32_t* slots = pass.group_slots + item.first_row;
   w_ptr w[NR], next[NR];
   const char* next_rows[NR];
   const int blocks = static_cast<int>((rows + MR - 1) / MR);
@@ -440,21 +445,21 @@ void down_panels(const Pass& pass, const detail::expert_item<typename P::w_type>
     for (index r0 = 0; r0 < rows; r0 += MR) {
       const int mr = rows - r0 < MR ? static_cast<int>(rows - r0) : MR;
       const typename P::a_type* a[MR];
-      float* y[MR];
+      float* out[MR];
       float weight[MR];
       for (int r = 0; r < mr; ++r) {
         a[r] = pass.h + item.h_offset + (r0 + r) * K;
-        y[r] = pass.y + static_cast<index>(item.rows[r0 + r].token) * pass.ldy;
+        out[r] = partial + static_cast<index>(slots[r0 + r]) * width;
         weight[r] = item.rows[r0 + r].weight;
       }
       const int block = static_cast<int>(r0 / MR);
       const prefetch_window pw = more ? share_of(next_rows, NR, prefetch_row_bytes, block, blocks, iterations)
                                       : prefetch_window{next_rows, 0, 0, 0};
       switch (mr) {
-        case 4: down_block<P, MR >= 4 ? 4 : 1, NR>(a, w, pw, K, valid, y, weight, c0); break;
-        case 3: down_block<P, MR >= 3 ? 3 : 1, NR>(a, w, pw, K, valid, y, weight, c0); break;
-        case 2: down_block<P, MR >= 2 ? 2 : 1, NR>(a, w, pw, K, valid, y, weight, c0); break;
-        default: down_block<P, 1, NR>(a, w, pw, K, valid, y, weight, c0); break;
+        case 4: down_block<P, MR >= 4 ? 4 : 1, NR>(a, w, pw, K, valid, out, weight, c0 - c_begin); break;
+        case 3: down_block<P, MR >= 3 ? 3 : 1, NR>(a, w, pw, K, valid, out, weight, c0 - c_begin); break;
+        case 2: down_block<P, MR >= 2 ? 2 : 1, NR>(a, w, pw, K, valid, out, weight, c0 - c_begin); break;
+        default: down_block<P, 1, NR>(a, w, pw, K, valid, out, weight, c0 - c_begin); break;
       }
     }
     GROVE_SIMD_UNROLL
@@ -462,38 +467,73 @@ void down_panels(const Pass& pass, const detail::expert_item<typename P::w_type>
   }
 }
 
-/// One down tile: columns [tile·down_cols, ...) of y, zeroed, then every item in order.
-/// `following` (or -1) is the tile the calling thread runs next (prefetched at the very end).
+/// n floats of `to` set to +0.
+inline void zero_floats(float* to, index n) {
+  index i = 0;
+  for (; i + lanes <= n; i += lanes) fbatch::zero().store(to + i);
+  if (i < n) fbatch::zero().store_partial(to + i, static_cast<int>(n - i));
+}
+/// to[i] = to[i] + from[i] for n floats (the fold of a partial; one rounding per element).
+inline void add_floats(float* to, const float* from, index n) {
+  index i = 0;
+  for (; i + lanes <= n; i += lanes) (fbatch::load(to + i) + fbatch::load(from + i)).store(to + i);
+  if (i < n) {
+    const int m = static_cast<int>(n - i);
+    (fbatch::load_partial(to + i, m) + fbatch::load_partial(from + i, m)).store_partial(to + i, m);
+  }
+}
+inline void copy_floats(float* to, const float* from, index n) {
+  index i = 0;
+  for (; i + lanes <= n; i += lanes) fbatch::load(from + i).store(to + i);
+  if (i < n) fbatch::load_partial(from + i, static_cast<int>(n - i)).store_partial(to + i, static_cast<int>(n - i));
+}
+
+/// One down tile: columns [tile·down_cols, ...) of y, zeroed, then group by group: the group's
+/// items summed into `partial` (this thread's scratch, from +0), which is then added to y, or
+/// stored as the group's partials. `following` (or -1) is the tile the calling thread runs next
+/// (prefetched at the very end).
 template <class Pass>
-void down_tile(const Pass& pass, index tile, index following) {
+void down_tile(const Pass& pass, index tile, index following, float* partial) {
   using A = std::remove_const_t<std::remove_pointer_t<decltype(pass.h)>>;
   using W = std::remove_const_t<std::remove_pointer_t<decltype(pass.items->gate)>>;
   using P = typename operands_for<A, W>::type;
   const index c_begin = tile * pass.down_cols;
   const index c_end = c_begin + pass.down_cols < pass.hidden ? c_begin + pass.down_cols : pass.hidden;
-  for (index t = 0; t < pass.tokens; ++t)
-    for (index c = c_begin; c < c_end; ++c) pass.y[t * pass.ldy + c] = 0.0f;
-  for (index i = 0; i < pass.item_count; ++i) {
-    const detail::expert_item<W>& item = pass.items[i];
-    const detail::expert_item<W>* next_item = nullptr;
-    index next_col = c_begin;
-    if (i + 1 < pass.item_count) {
-      next_item = &pass.items[i + 1];
-    } else if (following >= 0) {
-      next_item = &pass.items[0];
-      next_col = following * pass.down_cols;
+  const index width = c_end - c_begin;
+  if (pass.partials == nullptr)
+    for (index t = 0; t < pass.tokens; ++t) zero_floats(pass.y + t * pass.ldy + c_begin, width);
+  for (index g = 0; g < pass.group_count; ++g) {
+    const detail::group_span& group = pass.groups[g];
+    zero_floats(partial, group.row_count * width);
+    for (index i = group.item_begin; i < group.item_end; ++i) {
+      const detail::expert_item<W>& item = pass.items[i];
+      const detail::expert_item<W>* next_item = nullptr;
+      index next_col = c_begin;
+      if (i + 1 < pass.item_count) {
+        next_item = &pass.items[i + 1];
+      } else if (following >= 0) {
+        next_item = &pass.items[0];
+        next_col = following * pass.down_cols;
+      }
+      // The prefetch reads at most down_cols(1) rows from next_col: stay inside the matrix.
+      if (next_item != nullptr && next_col + down_cols(1) > pass.hidden) next_col = pass.hidden - down_cols(1);
+      if (next_col < 0) next_item = nullptr;
+      if (item.row_count >= max_rows)
+        down_panels<P, down_cols(max_rows)>(pass, item, c_begin, c_end, partial, next_item, next_col);
+      else if (item.row_count == 3)
+        down_panels<P, down_cols(3)>(pass, item, c_begin, c_end, partial, next_item, next_col);
+      else if (item.row_count == 2)
+        down_panels<P, down_cols(2)>(pass, item, c_begin, c_end, partial, next_item, next_col);
+      else
+        down_panels<P, down_cols(1)>(pass, item, c_begin, c_end, partial, next_item, next_col);
     }
-    // The prefetch reads at most down_cols(1) rows from next_col: stay inside the matrix.
-    if (next_item != nullptr && next_col + down_cols(1) > pass.hidden) next_col = pass.hidden - down_cols(1);
-    if (next_col < 0) next_item = nullptr;
-    if (item.row_count >= max_rows)
-      down_panels<P, down_cols(max_rows)>(pass, item, c_begin, c_end, next_item, next_col);
-    else if (item.row_count == 3)
-      down_panels<P, down_cols(3)>(pass, item, c_begin, c_end, next_item, next_col);
-    else if (item.row_count == 2)
-      down_panels<P, down_cols(2)>(pass, item, c_begin, c_end, next_item, next_col);
-    else
-      down_panels<P, down_cols(1)>(pass, item, c_begin, c_end, next_item, next_col);
+    if (pass.partials != nullptr) {
+      for (index r = 0; r < group.row_count; ++r)
+        copy_floats(pass.partials + (group.first_row + r) * pass.ldp + c_begin, partial + r * width, width);
+    } else {
+      for (index r = 0; r < group.row_count; ++r)
+        add_floats(pass.y + static_cast<index>(group.rows[r].token) * pass.ldy + c_begin, partial + r * width, width);
+    }
   }
 }
 

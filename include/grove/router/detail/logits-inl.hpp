@@ -1,0 +1,118 @@
+// The router's logit kernel, written once against simd::batch<float, Arch> and compiled once per
+// instruction-set level by router/logits.hpp (no include guard, on purpose), like the expert
+// tiles. Every logit l[t][e] = ⟨x_t, W_r[e]⟩ is its own chain: one vector accumulator over H in
+// chunks of the batch width (the last chunk zero-padded), then one fixed reduction. Blocking over
+// tokens and experts only decides which chains run side by side, never the order inside one, so a
+// token's logits are the same bits in every batch and at every position (batch invariance).
+//
+// No lambdas here: clang's target pragma does not reach them.
+
+#ifndef GROVE_LOGITS_NS
+#error "compiled once per instruction set by grove/router/logits.hpp: include that instead"
+#else
+
+GROVE_BEGIN_NAMESPACE
+namespace detail {
+namespace GROVE_LOGITS_NS {
+
+using arch = GROVE_LOGITS_ARCH;
+using fbatch = simd::float_batch<arch>;
+constexpr int lanes = fbatch::size;
+/// Tokens per block: MR·NR accumulators, MR activation registers and a weight register fit the
+/// register file (16 vector registers on AVX2, 32 on AVX-512).
+constexpr int block_rows = arch::registers >= 32 ? 4 : 2;
+/// Experts per block: 4, and 8 for a lone token (more router rows in flight when nothing is
+/// reused from registers).
+constexpr int block_experts = 4;
+constexpr int lone_block_experts = 8;
+
+/// MR tokens × NR experts of logits into out[r * NR + c].
+template <int MR, int NR>
+void logit_block(const float* const* x, const float* const* w, index hidden, float* out) {
+  constexpr int block_experts = NR;
+  fbatch acc[MR][block_experts];
+  GROVE_SIMD_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    GROVE_SIMD_UNROLL
+    for (int c = 0; c < block_experts; ++c) acc[r][c] = fbatch::zero();
+  }
+  index k = 0;
+  for (; k + lanes <= hidden; k += lanes) {
+    fbatch xv[MR];
+    GROVE_SIMD_UNROLL
+    for (int r = 0; r < MR; ++r) xv[r] = fbatch::load(x[r] + k);
+    GROVE_SIMD_UNROLL
+    for (int c = 0; c < block_experts; ++c) {
+      const fbatch wv = fbatch::load(w[c] + k);
+      GROVE_SIMD_UNROLL
+      for (int r = 0; r < MR; ++r) acc[r][c] = simd::fma(xv[r], wv, acc[r][c]);
+    }
+  }
+  if (k < hidden) {
+    const int n = static_cast<int>(hidden - k);
+    fbatch xv[MR];
+    GROVE_SIMD_UNROLL
+    for (int r = 0; r < MR; ++r) xv[r] = fbatch::load_partial(x[r] + k, n);
+    GROVE_SIMD_UNROLL
+    for (int c = 0; c < block_experts; ++c) {
+      const fbatch wv = fbatch::load_partial(w[c] + k, n);
+      GROVE_SIMD_UNROLL
+      for (int r = 0; r < MR; ++r) acc[r][c] = simd::fma(xv[r], wv, acc[r][c]);
+    }
+  }
+  GROVE_SIMD_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    GROVE_SIMD_UNROLL
+    for (int c = 0; c < block_experts; ++c) out[r * block_experts + c] = simd::reduce_add(acc[r][c]);
+  }
+}
+
+/// Experts per pass over the tokens: their router rows (64 × H floats, 512 KiB at H = 2048) stay
+/// in L2 while every block of tokens streams past them once.
+constexpr index experts_per_pass = 64;
+
+/// MR tokens (rows of x at xr) against experts [e_begin, e_end) in blocks of NR.
+template <int MR, int NR>
+void token_block(const float* const* xr, int rows, index t0, const float* router, index e_begin, index e_end,
+                 index hidden, float* logits, index ldl) {
+  for (index e0 = e_begin; e0 < e_end; e0 += NR) {
+    const int cols = e_end - e0 < NR ? static_cast<int>(e_end - e0) : NR;
+    const float* wr[NR];
+    for (int c = 0; c < NR; ++c) wr[c] = router + (e0 + (c < cols ? c : cols - 1)) * hidden;
+    float out[MR * NR];
+    logit_block<MR, NR>(xr, wr, hidden, out);
+    for (int r = 0; r < MR && r < rows; ++r)
+      for (int c = 0; c < cols; ++c) logits[(t0 + r) * ldl + e0 + c] = out[r * NR + c];
+  }
+}
+
+/// logits [tokens, experts] (row stride ldl) of x [tokens, hidden] (row stride ldx) against the
+/// router [experts, hidden]: a pass per chunk of experts, in it a block of tokens at a time (their
+/// rows of x stay in L1) against every expert block of the chunk. Short blocks repeat their last
+/// row or expert and drop the result.
+inline void router_logits(const float* x, index ldx, index tokens, const float* router, index experts, index hidden,
+                          float* logits, index ldl) {
+  for (index chunk = 0; chunk < experts; chunk += experts_per_pass) {
+    const index chunk_end = experts - chunk < experts_per_pass ? experts : chunk + experts_per_pass;
+    for (index t0 = 0; t0 < tokens; t0 += block_rows) {
+      const int rows = tokens - t0 < block_rows ? static_cast<int>(tokens - t0) : block_rows;
+      const float* xr[block_rows];
+      for (int r = 0; r < block_rows; ++r) xr[r] = x + (t0 + (r < rows ? r : rows - 1)) * ldx;
+      constexpr int four = block_rows >= 4 ? 4 : 1, three = block_rows >= 3 ? 3 : 1;
+      if (rows == 4)
+        token_block<four, block_experts>(xr, rows, t0, router, chunk, chunk_end, hidden, logits, ldl);
+      else if (rows == 3)
+        token_block<three, block_experts>(xr, rows, t0, router, chunk, chunk_end, hidden, logits, ldl);
+      else if (rows == 2)
+        token_block<2, block_experts>(xr, rows, t0, router, chunk, chunk_end, hidden, logits, ldl);
+      else
+        token_block<1, lone_block_experts>(xr, rows, t0, router, chunk, chunk_end, hidden, logits, ldl);
+    }
+  }
+}
+
+}  // namespace GROVE_LOGITS_NS
+}  // namespace detail
+GROVE_END_NAMESPACE
+
+#endif  // GROVE_LOGITS_NS
