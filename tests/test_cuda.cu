@@ -587,7 +587,7 @@ void check_backward(const test_case& c, gc::adjugate_mode mode, gc::combine_mode
 TEST_CASE("cuda: schedule prefixes and ticket decoding cover every tile once, in dependency order") {
   using namespace gc::detail;
   const layer_dims d{100, 8, 4, 130, 20};
-  const gc::layer_shape shape(d);
+  const grove::layer_dims& shape = d;
   const std::vector<int> rows = {0, 65, 1, 128, 0, 0, 64, 3, /*adjugates*/ 7, 0, 129, 2};
   const int mlps = shape.mlps();
   std::vector<int> storage(schedule_arrays<int>::arrays * static_cast<std::size_t>(mlps + 1), -1);
@@ -703,7 +703,7 @@ TEST_CASE("cuda: the device plan's stable counting sort, replayed on the host, e
       totals[static_cast<std::size_t>(m)] = prefix_over_chunks(counts.data(), base.data(), chunks, m);
     std::vector<int> storage(schedule_arrays<int>::arrays * static_cast<std::size_t>(M + 1));
     const auto s = schedule_arrays<int>::at(storage.data(), M);
-    build_schedule(totals.data(), gc::layer_shape(c.dims), s);
+    build_schedule(totals.data(), c.dims, s);
     std::vector<std::pair<int, int>> placed(static_cast<std::size_t>(s.offsets[M]), {-1, -1});
     auto place = [&](int t, int bucket, int slot) {
       const int pos = dispatch_position(s.offsets, base.data(), masks.data(), M, chunks, k, t / chunk_tokens, bucket,

@@ -5,6 +5,14 @@
 
 #include "grove/version.hpp"
 
+/// Marks the few core functions CUDA kernels call too (the layer's sizes, the MLP numbering), so
+/// that the CUDA backend reads the same definitions rather than twins of them.
+#if defined(__CUDACC__)
+#define GROVE_HOST_DEVICE __host__ __device__
+#else
+#define GROVE_HOST_DEVICE
+#endif
+
 GROVE_BEGIN_NAMESPACE
 
 /// Index type for sizes and positions, the same as Eigen::Index.

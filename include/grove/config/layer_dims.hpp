@@ -19,7 +19,14 @@ struct layer_dims {
   index adjugate_intermediate = 0;   ///< Ia, adjugate intermediate size
 
   /// E / G consecutive experts share one adjugate; expert e belongs to group e / group_size().
-  [[nodiscard]] index group_size() const { return groups > 0 ? experts / groups : 0; }
+  [[nodiscard]] GROVE_HOST_DEVICE constexpr index group_size() const { return groups > 0 ? experts / groups : 0; }
+  /// SwiGLU MLPs of the layer, E + G, numbered as plan/dispatch.hpp's mlp_numbering does: routed
+  /// expert e is MLP e, the adjugate of group j is MLP E + j.
+  [[nodiscard]] GROVE_HOST_DEVICE constexpr index mlps() const { return experts + groups; }
+  /// Intermediate size of MLP m: I for a routed expert, Ia for an adjugate.
+  [[nodiscard]] GROVE_HOST_DEVICE constexpr index intermediate(index m) const {
+    return m < experts ? expert_intermediate : adjugate_intermediate;
+  }
 
   /// Throws grove::error naming the first size that cannot describe a Grove layer.
   void validate() const {

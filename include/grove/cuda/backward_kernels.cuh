@@ -269,7 +269,7 @@ __global__ void __launch_bounds__(tile_threads)
 /// Router weight gradient: ∂W_r[e, h] += Σ_t dl[t, e] x[t, h]. Tiles own their outputs.
 template <class T>
 __global__ void __launch_bounds__(tile_threads)
-    router_weight_grad_kernel(layer_shape shape, const float* dl, const T* x, int tokens, float* grad_router) {
+    router_weight_grad_kernel(layer_dims shape, const float* dl, const T* x, int tokens, float* grad_router) {
   unsigned char* smem = dynamic_shared<unsigned char>();
   const int hidden = shape.hidden, experts = shape.experts;
   const int e0 = static_cast<int>(blockIdx.x) * tile_m, h0 = static_cast<int>(blockIdx.y) * tile_n;

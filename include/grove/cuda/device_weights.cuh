@@ -6,47 +6,20 @@
 #include <vector>
 
 #include "grove/config/layer_dims.hpp"
+#include "grove/weights/layer_weights.hpp"
 #include "grove/cuda/common.cuh"
 
 GROVE_BEGIN_NAMESPACE
 namespace cuda {
 
-/// The sizes of a layer as the kernels see them (docs/math.md: H, E, G, I, Ia). The kernels
-/// number the E + G SwiGLU MLPs of a layer 0 .. E+G-1: routed experts first, then adjugates,
-/// so that one schedule covers both ("mlp m").
-struct layer_shape {
-  int hidden = 0;
-  int experts = 0;
-  int groups = 0;
-  int expert_intermediate = 0;
-  int adjugate_intermediate = 0;
-
-  layer_shape() = default;
-  explicit layer_shape(const layer_dims& d)
-      : hidden(static_cast<int>(d.hidden)),
-        experts(static_cast<int>(d.experts)),
-        groups(static_cast<int>(d.groups)),
-        expert_intermediate(static_cast<int>(d.expert_intermediate)),
-        adjugate_intermediate(static_cast<int>(d.adjugate_intermediate)) {}
-
-  __host__ __device__ int group_size() const { return experts / groups; }
-  __host__ __device__ int mlps() const { return experts + groups; }
-  /// Intermediate size of MLP m: I for a routed expert, Ia for an adjugate.
-  __host__ __device__ int intermediate(int m) const {
-    return m < experts ? expert_intermediate : adjugate_intermediate;
-  }
-  [[nodiscard]] layer_dims dims() const {
-    return layer_dims{hidden, experts, groups, expert_intermediate, adjugate_intermediate};
-  }
-};
-
 /// Read-only device view of a layer's weights (PyTorch [out, in] row-major layout, as on the CPU).
 /// `gate`, `up`, `down` are device arrays of E + G device pointers (experts, then adjugates), so
 /// the tensors may live anywhere: one flat buffer (device_parameters) or a framework's own
-/// allocations. gate/up of MLP m are [N_m, H], down is [H, N_m] with N_m = shape.intermediate(m).
+/// allocations. gate/up of MLP m are [N_m, H], down is [H, N_m] with N_m = shape.intermediate(m)
+/// (the core's layer_dims: the kernels read the same sizes and MLP numbering as the CPU).
 template <class S>
 struct device_weights {
-  layer_shape shape;
+  layer_dims shape;
   const S* router = nullptr;       ///< W_r [E, H]
   const S* const* gate = nullptr;  ///< [E + G] pointers
   const S* const* up = nullptr;    ///< [E + G] pointers
@@ -57,7 +30,7 @@ struct device_weights {
 /// Writable fp32 device view with the same structure, for gradients (always fp32, whatever the
 /// weights' type: the usual master-gradient precision).
 struct device_gradients {
-  layer_shape shape;
+  layer_dims shape;
   float* router = nullptr;
   float* const* gate = nullptr;
   float* const* up = nullptr;
@@ -101,7 +74,7 @@ class device_parameters {
   device_parameters() = default;
 
   /// All tensors and the bias zero.
-  explicit device_parameters(const layer_dims& dims) : dims_((dims.validate(), dims)), shape_(dims) {
+  explicit device_parameters(const layer_dims& dims) : dims_((dims.validate(), dims)) {
     values_.allocate(static_cast<std::size_t>(total_parameters(dims)));
     bias_.allocate(static_cast<std::size_t>(dims.experts));
     values_.zero();
@@ -110,52 +83,37 @@ class device_parameters {
     detail::check(cudaDeviceSynchronize(), "zeroing device_parameters");
   }
 
-  /// Copies host weights (a grove::weights_view<float> or <double>, or anything with the same
-  /// router()/expert(e)/adjugate(j)/bias()/dims() interface) to the device, rounding to S.
-  /// A missing bias uploads as zeros.
-  template <class HostWeights>
-  static device_parameters upload(const HostWeights& host) {
+  /// Copies host weights (a grove::weights_view of float, double or bf16) to the device, rounding
+  /// to S. It walks the core's tensor list (layer_weights::for_each_tensor), the order the flat
+  /// buffer and every checkpoint use; a missing tensor is named, a missing bias uploads as zeros.
+  template <class T>
+  static device_parameters upload(const layer_weights<const T>& host) {
     device_parameters p(host.dims());
-    const layer_dims& d = host.dims();
     std::vector<S> staging(p.values_.size());
+    std::vector<float> bias;
     std::size_t at = 0;
-    auto put = [&](const auto* src, index count, const std::string& what) {
-      if (src == nullptr) throw error("grove::cuda: missing tensor '" + what + "' in the weights to upload");
-      for (index i = 0; i < count; ++i) staging[at++] = detail::from_float<S>(static_cast<float>(src[i]));
-    };
-    put(host.router().data(), d.experts * d.hidden, "gate.weight");
-    for (index e = 0; e < d.experts; ++e) {
-      const auto mlp = host.expert(e);
-      const std::string name = "experts." + std::to_string(e);
-      put(mlp.gate.data(), mlp.gate.size(), name + ".gate_proj.weight");
-      put(mlp.up.data(), mlp.up.size(), name + ".up_proj.weight");
-      put(mlp.down.data(), mlp.down.size(), name + ".down_proj.weight");
-    }
-    for (index j = 0; j < d.groups; ++j) {
-      const auto mlp = host.adjugate(j);
-      const std::string name = "chunk_experts." + std::to_string(j);
-      put(mlp.gate.data(), mlp.gate.size(), name + ".gate_proj.weight");
-      put(mlp.up.data(), mlp.up.size(), name + ".up_proj.weight");
-      put(mlp.down.data(), mlp.down.size(), name + ".down_proj.weight");
-    }
+    host.for_each_tensor([&](const tensor_info& info, const T* const& src) {
+      if (info.role == tensor_role::selection_bias) {
+        if (src != nullptr)
+          for (index e = 0; e < info.rows; ++e) bias.push_back(static_cast<float>(src[e]));
+        return;
+      }
+      if (src == nullptr) throw error("grove::cuda: missing tensor '" + info.name + "' in the weights to upload");
+      for (index i = 0; i < info.size(); ++i) staging[at++] = detail::from_float<S>(static_cast<float>(src[i]));
+    });
     p.values_.upload(staging);
-    if (host.bias() != nullptr) {
-      std::vector<float> bias(static_cast<std::size_t>(d.experts));
-      for (index e = 0; e < d.experts; ++e) bias[static_cast<std::size_t>(e)] = static_cast<float>(host.bias()[e]);
-      p.bias_.upload(bias);
-    }
+    if (!bias.empty()) p.bias_.upload(bias);
     return p;
   }
 
   [[nodiscard]] const layer_dims& dims() const { return dims_; }
-  [[nodiscard]] const layer_shape& shape() const { return shape_; }
 
   /// The view the kernels read.
   [[nodiscard]] device_weights<S> weights() const {
     device_weights<S> w;
-    w.shape = shape_;
+    w.shape = dims_;
     w.router = values_.data();
-    const std::size_t m = static_cast<std::size_t>(shape_.mlps());
+    const std::size_t m = static_cast<std::size_t>(dims_.mlps());
     w.gate = tables_.data();
     w.up = tables_.data() + m;
     w.down = tables_.data() + 2 * m;
@@ -166,9 +124,9 @@ class device_parameters {
   /// The writable fp32 view backward accumulates into.
   [[nodiscard]] device_gradients gradients() requires std::is_same_v<S, float> {
     device_gradients g;
-    g.shape = shape_;
+    g.shape = dims_;
     g.router = values_.data();
-    const std::size_t m = static_cast<std::size_t>(shape_.mlps());
+    const std::size_t m = static_cast<std::size_t>(dims_.mlps());
     g.gate = tables_.data();
     g.up = tables_.data() + m;
     g.down = tables_.data() + 2 * m;
@@ -199,7 +157,7 @@ class device_parameters {
  private:
   void build_tables() {
     const layer_dims& d = dims_;
-    const std::size_t m = static_cast<std::size_t>(shape_.mlps());
+    const std::size_t m = static_cast<std::size_t>(dims_.mlps());
     std::vector<S*> table(3 * m);
     S* cursor = values_.data() + d.experts * d.hidden;
     auto place = [&](std::size_t mlp, index inter) {
@@ -216,7 +174,6 @@ class device_parameters {
   }
 
   layer_dims dims_{};
-  layer_shape shape_{};
   device_buffer<S> values_;
   device_buffer<float> bias_;
   device_buffer<S*> tables_;  // gate[E+G], up[E+G], down[E+G]

@@ -44,7 +44,7 @@ struct expert_args {
   device_gradients grads;  ///< backward only
 
   [[nodiscard]] __device__ schedule_arrays<const int> plan_schedule() const {
-    return schedule_arrays<const int>::at(schedule, w.shape.mlps());
+    return schedule_arrays<const int>::at(schedule, static_cast<int>(w.shape.mlps()));
   }
   /// Start of MLP m's first row (dispatch position `first`) in a per-row buffer whose rows are
   /// `factor`·N_m wide.

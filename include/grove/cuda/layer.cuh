@@ -54,10 +54,10 @@ class layer {
  public:
   layer(device_weights<T> weights, layer_options options) : weights_(weights), options_(options) {
     validate();
-    const layer_shape& s = weights_.shape;
+    const layer_dims& s = weights_.shape;
     const int mlps = s.mlps();
     cap_ = detail::capacity::of(options_.max_tokens, options_.top_k, mlps);
-    max_groups_ = std::min(options_.top_k, s.groups);
+    max_groups_ = std::min(options_.top_k, static_cast<int>(s.groups));
 
     int device = 0;
     detail::check(cudaGetDevice(&device), "cudaGetDevice");
@@ -158,7 +158,7 @@ class layer {
   }
 
   [[nodiscard]] const layer_options& options() const { return options_; }
-  [[nodiscard]] const layer_shape& shape() const { return weights_.shape; }
+  [[nodiscard]] const layer_dims& shape() const { return weights_.shape; }
   /// The plan of the last route() (device pointers into this object's workspace).
   [[nodiscard]] const device_plan& plan() const { return plan_; }
 
@@ -168,7 +168,7 @@ class layer {
     require_tokens(tokens);
     plan_.tokens = tokens;
     args_.tokens = tokens;
-    const layer_shape& s = weights_.shape;
+    const layer_dims& s = weights_.shape;
     if (tokens == 0) {
       schedule_.zero(stream);
       return plan_;
@@ -240,7 +240,7 @@ class layer {
   /// options.training. Recomputes g and u from x (the forward keeps no activations).
   void backward(const T* x, const T* dy, float* dx, const device_gradients& grads, cudaStream_t stream = nullptr) {
     detail::require(options_.training, "grove::cuda: backward needs a layer built with layer_options::training = true");
-    const layer_shape& s = weights_.shape;
+    const layer_dims& s = weights_.shape;
     detail::require(grads.shape.hidden == s.hidden && grads.shape.experts == s.experts &&
                         grads.shape.groups == s.groups && grads.shape.expert_intermediate == s.expert_intermediate &&
                         grads.shape.adjugate_intermediate == s.adjugate_intermediate,
@@ -304,7 +304,7 @@ class layer {
 
  private:
   void validate() const {
-    const layer_shape& s = weights_.shape;
+    const layer_dims& s = weights_.shape;
     using std::to_string;
     detail::require(s.hidden > 0 && s.experts > 0 && s.groups > 0 && s.expert_intermediate > 0 &&
                         s.adjugate_intermediate > 0 && s.experts % s.groups == 0,
@@ -340,7 +340,7 @@ class layer {
   /// Router split-K: enough blocks to cover the GPU for small batches (decode), at least four
   /// k-steps per split, at most 16 splits.
   [[nodiscard]] int router_splits(int tokens) const {
-    const layer_shape& s = weights_.shape;
+    const layer_dims& s = weights_.shape;
     const int tiles = detail::ceil_div(tokens, detail::tile_m) * detail::ceil_div(s.experts, detail::tile_n);
     const int k_steps = detail::ceil_div(s.hidden, detail::tile_k);
     int splits = std::max(1, 2 * sms_ / std::max(tiles, 1));

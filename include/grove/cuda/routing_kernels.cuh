@@ -25,7 +25,7 @@ namespace detail {
 
 /// Everything the routing kernels read and write (device pointers into a layer's workspace).
 struct routing_args {
-  layer_shape shape;
+  layer_dims shape;
   int tokens = 0;
   int top_k = 0;
   int max_groups = 0;
@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(routing_threads) select_kernel(routing_args a)
     const float weight = ex / sum;
 
     // Distinct groups in order of first pick and c_j (step 5); lane g holds group slot g.
-    const int my_group = lane < k ? my_id / a.shape.group_size() : -1;
+    const int my_group = lane < k ? my_id / static_cast<int>(a.shape.group_size()) : -1;  // 32-bit division
     int held_group = -1, count = 0, my_group_slot = -1;
     float held_weight = 0.0f;
     for (int s = 0; s < k; ++s) {

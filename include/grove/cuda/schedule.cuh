@@ -103,7 +103,7 @@ struct schedule_arrays {
 struct schedule_terms {
   int rows, row_tiles, gate_up, down, weights;
 
-  __host__ __device__ static schedule_terms of(int m, int rows, const layer_shape& shape) {
+  __host__ __device__ static schedule_terms of(int m, int rows, const layer_dims& shape) {
     schedule_terms t{};
     const int h_tiles = ceil_div(shape.hidden, tile_n);
     const int nt = ceil_div(shape.intermediate(m), tile_n);
@@ -142,7 +142,7 @@ struct schedule_terms {
 
 /// Fills the schedule from the rows per MLP, serially: the reference for the scan kernel,
 /// which computes the same prefixes in parallel.
-__host__ __device__ inline void build_schedule(const int* rows_per_mlp, const layer_shape& shape,
+__host__ __device__ inline void build_schedule(const int* rows_per_mlp, const layer_dims& shape,
                                                const schedule_arrays<int>& s) {
   schedule_terms sum{};
   for (int m = 0; m < s.mlps; ++m) {
@@ -189,7 +189,7 @@ struct work_item {
 
 namespace schedule_detail {
 __host__ __device__ inline work_item locate(item_kind kind, const int* prefix, int mlps, int q,
-                                            int minor_tiles_of_mlp_n, const layer_shape& shape,
+                                            int minor_tiles_of_mlp_n, const layer_dims& shape,
                                             bool minor_is_intermediate) {
   work_item w;
   w.kind = kind;
@@ -206,7 +206,7 @@ __host__ __device__ inline work_item locate(item_kind kind, const int* prefix, i
 /// waits for its row tile's gate/up items; since every gate/up ticket is handed out before any
 /// down ticket and gate/up items never wait, the waits cannot deadlock.
 __host__ __device__ inline work_item forward_item(int q, const schedule_arrays<const int>& s,
-                                                  const layer_shape& shape) {
+                                                  const layer_dims& shape) {
   const int m = s.mlps;
   const int h_tiles = ceil_div(shape.hidden, tile_n);
   if (q < s.gate_up[m]) return schedule_detail::locate(item_kind::gate_up, s.gate_up, m, q, 0, shape, true);
@@ -218,7 +218,7 @@ __host__ __device__ inline work_item forward_item(int q, const schedule_arrays<c
 /// Ticket q of the backward kernel: gate/up-gradient items, then input-gradient items (wait for
 /// their row tile), then weight-gradient items (wait for all rows of their MLP).
 __host__ __device__ inline work_item backward_item(int q, const schedule_arrays<const int>& s,
-                                                   const layer_shape& shape) {
+                                                   const layer_dims& shape) {
   const int m = s.mlps;
   const int h_tiles = ceil_div(shape.hidden, tile_n);
   if (q < s.gate_up[m]) return schedule_detail::locate(item_kind::gate_up_grad, s.gate_up, m, q, 0, shape, true);
