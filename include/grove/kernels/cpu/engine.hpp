@@ -140,7 +140,8 @@ class cpu_engine {
   [[nodiscard]] std::size_t workspace_bytes() const {
     return x_f32_.bytes() + x_bf16_.bytes() + h_f32_.bytes() + h_bf16_.bytes() + schedule_f32_.bytes() +
            schedule_bf16_.bytes() + gate_.bytes() + up_.bytes() + dg_.bytes() + du_.bytes() + dots_.bytes() +
-           pack_.bytes() + partial_.bytes() + backward_schedule_.bytes() + sizeof(float) * static_cast<std::size_t>(group_dots_.size());
+           pack_.bytes() + partial_.bytes() + backward_schedule_.bytes() +
+           sizeof(float) * static_cast<std::size_t>(group_dots_.size());
   }
   [[nodiscard]] std::size_t workspace_allocations() const {
     return x_f32_.allocations() + x_bf16_.allocations() + h_f32_.allocations() + h_bf16_.allocations() +

@@ -426,21 +426,12 @@ void dx_tile(const Pass& pass, index tile, float* pack, float* partial) {
   constexpr index block = detail::backward_schedule::block_cols;
   for (index g = 0; g < pass.group_count; ++g) {
     const detail::group_span& group = pass.groups[g];
-    const index n = group.row_count * width;
-    for (index i = 0; i < n; ++i) partial[i] = 0.0f;
+    zero_floats(partial, group.row_count * width);
     for (index i = group.item_begin; i < group.item_end; ++i)
       for (index c0 = c_begin; c0 < c_end; c0 += block)
         dx_block(pass, pass.items[i], c0, c_end - c0 < block ? c_end - c0 : block, partial, width, c0 - c_begin, pack);
-    for (index r = 0; r < group.row_count; ++r) {
-      float* to = pass.dx + static_cast<index>(group.rows[r].token) * pass.lddx + c_begin;
-      const float* from = partial + r * width;
-      index c = 0;
-      for (; c + lanes <= width; c += lanes) (fbatch::load(to + c) + fbatch::load(from + c)).store(to + c);
-      if (c < width) {
-        const int left = static_cast<int>(width - c);
-        (fbatch::load_partial(to + c, left) + fbatch::load_partial(from + c, left)).store_partial(to + c, left);
-      }
-    }
+    for (index r = 0; r < group.row_count; ++r)
+      add_floats(pass.dx + static_cast<index>(group.rows[r].token) * pass.lddx + c_begin, partial + r * width, width);
   }
 }
 

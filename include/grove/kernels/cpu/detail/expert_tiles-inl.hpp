@@ -467,7 +467,8 @@ void down_panels(const Pass& pass, const detail::expert_item<typename P::w_type>
   }
 }
 
-/// n floats of `to` set to +0.
+/// n floats of `to` set to +0 (the down tiles here and the dx tiles of backward_tiles-inl.hpp,
+/// which is included after this file, start each group's partial with it).
 inline void zero_floats(float* to, index n) {
   index i = 0;
   for (; i + lanes <= n; i += lanes) fbatch::zero().store(to + i);
