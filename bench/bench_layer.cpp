@@ -31,7 +31,7 @@
 #include <benchmark/benchmark.h>
 
 #include <grove/grove.hpp>
-#include <grove/weights/bf16_weights.hpp>
+#include <grove/weights/layer_parameters.hpp>
 #include <grove/kernels/cpu/expert_backward.hpp>
 #include <grove/runners/cpu_runner.hpp>
 #include <grove/kernels/cpu/expert_forward.hpp>
@@ -96,7 +96,7 @@ struct batch_plans {
 struct model {
   std::vector<float, grove::detail::huge_page_allocator<float>> values;
   grove::weights_view<float> f32;
-  grove::bf16_weights bf16;
+  grove::layer_parameters<grove::bf16> bf16;
   row_matrix<float> x;  // [512, H]
   std::map<index, batch_plans> plans_f32, plans_bf16;
 
@@ -110,7 +110,7 @@ struct model {
       cursor += info.size();
     });
     f32 = span;
-    bf16 = grove::bf16_weights::from(f32);
+    bf16 = grove::layer_parameters<grove::bf16>::from(f32);
     x.resize(token_counts[3], dims.hidden);
     fill_uniform(x.data(), static_cast<std::size_t>(x.size()), 2, 1.0f);
     for (index T : token_counts) {

@@ -13,7 +13,7 @@
 #include "support/test_support.hpp"
 
 #include <grove/grove.hpp>
-#include <grove/weights/bf16_weights.hpp>
+#include <grove/weights/layer_parameters.hpp>
 #include <grove/kernels/cpu/expert_backward.hpp>
 #include <grove/runners/cpu_runner.hpp>
 #include <grove/runners/default_runner.hpp>
@@ -207,7 +207,7 @@ TEST_CASE("fast_cpu: bf16 weights match a reference that rounds the weights to b
   std::uint64_t seed = 100;
   for (const layer_case& c : cases) {
     const prepared p = prepare(c, seed++);
-    const grove::bf16_weights w = grove::bf16_weights::from(p.params.view());
+    const grove::layer_parameters<grove::bf16> w = grove::layer_parameters<grove::bf16>::from(p.params.view());
     // Route with the bf16 router (widened to fp32), as a BF16 checkpoint would.
     const auto plan = grove::route(w.routing_view(), {c.top_k, p.plan.scale}, p.x);
     const reference_result exact = reference_forward(w.view(), plan, p.x, false);
@@ -235,7 +235,7 @@ TEST_CASE("fast_cpu: bf16 weights match a reference that rounds the weights to b
 TEST_CASE("fast_cpu: results are bitwise identical for 1 to 4 threads, repeated runs and tile shapes") {
   const layer_case c{"determinism", {72, 8, 4, 40, 24}, 3, 90};
   const prepared p = prepare(c, 7);
-  const grove::bf16_weights w = grove::bf16_weights::from(p.params.view());
+  const grove::layer_parameters<grove::bf16> w = grove::layer_parameters<grove::bf16>::from(p.params.view());
   const grove::schedule_shape odd_shape{3, 5, 7};
   for (isa level : levels()) {
     CAPTURE(grove::simd::isa_name(level));
@@ -276,7 +276,7 @@ TEST_CASE("fast_cpu: the default runner is a default cpu_runner and agrees with 
   const row_matrix<float> y = layer.forward(p.x);
   CHECK(same_bits(y, fast));
   // bf16 overload of the integration point.
-  const grove::bf16_weights w = grove::bf16_weights::from(p.params.view());
+  const grove::layer_parameters<grove::bf16> w = grove::layer_parameters<grove::bf16>::from(p.params.view());
   row_matrix<float> yb(c.tokens, c.dims.hidden), yb_engine(c.tokens, c.dims.hidden);
   grove::default_runner()->forward(w.view(), p.plan, p.x, yb);
   fresh.forward(w.view(), p.plan, p.x, yb_engine);
@@ -767,11 +767,11 @@ TEST_CASE("fast_cpu: SIMD bf16 rounding, widening, exp and lane sums on every le
 #endif
 }
 
-TEST_CASE("fast_cpu: bf16_weights keeps every tensor in bf16 and routes with the widened router") {
+TEST_CASE("fast_cpu: layer_parameters<bf16> keeps every tensor in bf16 and routes with the widened router") {
   const layer_dims d{24, 4, 2, 8, 4};
   auto params = grove::layer_parameters<float>::random(d, 9, 0.5);
   params.bias()[1] = 0.25f;
-  const grove::bf16_weights w = grove::bf16_weights::from(params.view());
+  const grove::layer_parameters<grove::bf16> w = grove::layer_parameters<grove::bf16>::from(params.view());
   CHECK(w.bytes() == sizeof(grove::bf16) * static_cast<std::size_t>(grove::total_parameters(d)) +
                          sizeof(float) * static_cast<std::size_t>(d.experts * d.hidden + d.experts));
   const auto fw = params.view();
@@ -787,6 +787,102 @@ TEST_CASE("fast_cpu: bf16_weights keeps every tensor in bf16 and routes with the
     for (Index c = 0; c < d.hidden; ++c) CHECK(rv.router()(e, c) == grove::to_float(bw.router()(e, c)));
   REQUIRE(rv.bias() != nullptr);
   CHECK(rv.bias()[1] == 0.25f);
+}
+
+TEST_CASE("formats: one table row per format, and the owning template in each") {
+  using grove::weight_format;
+  // The run-time table and the compile-time side agree.
+  CHECK(grove::weight_formats.size() == 3);
+  CHECK(grove::info_of<float>().format == weight_format::f32);
+  CHECK(grove::info_of<double>().checkpoint_dtype == "F64");
+  CHECK(grove::info_of<grove::bf16>().bits == 16);
+  CHECK(grove::info_of<grove::bf16>().fp32_routing_copy);
+  CHECK_FALSE(grove::info_of<grove::bf16>().trainable);
+  CHECK(grove::info_of<float>().trainable);
+  CHECK(grove::parse_weight_format("bf16") == weight_format::bf16);
+  CHECK_THROWS_WITH_AS((void)grove::parse_weight_format("int3"),
+                       "grove: unknown weight format 'int3' (grove holds f32, f64, bf16)", grove::error);
+  static_assert(std::is_same_v<grove::activation_t<grove::bf16>, float>);
+  static_assert(std::is_same_v<grove::activation_t<double>, double>);
+  static_assert(!grove::weight_storage<int>);
+  // bytes_for, reached from a run-time format (as `grove info` does), is what an object holds.
+  const layer_dims d{24, 4, 2, 8, 4};
+  const auto n = static_cast<std::size_t>(grove::total_parameters(d));
+  CHECK(grove::visit_format(weight_format::f32, [&]<class S>() { return grove::layer_parameters<S>::bytes_for(d); }) ==
+        4 * (n + 4));
+  CHECK(grove::visit_format(weight_format::f64, [&]<class S>() { return grove::layer_parameters<S>::bytes_for(d); }) ==
+        8 * (n + 4));
+  CHECK(grove::visit_format(weight_format::bf16, [&]<class S>() { return grove::layer_parameters<S>::bytes_for(d); }) ==
+        2 * n + 4 * (24 * 4 + 4));
+  // random() in BF16 is the fp32 draw rounded once by the one rounding rule; from() converts
+  // between any two formats (f64 → bf16 through fp32, as PyTorch's .to() of an fp32 tensor).
+  const auto f32 = grove::layer_parameters<float>::random(d, 5, 0.7);
+  const auto b16 = grove::layer_parameters<grove::bf16>::random(d, 5, 0.7);
+  const auto rounded = grove::layer_parameters<grove::bf16>::from(f32.view());
+  REQUIRE(b16.values().size() == n);
+  CHECK(std::memcmp(b16.values().data(), rounded.values().data(), 2 * n) == 0);
+  const auto widened = grove::layer_parameters<double>::from(b16.view());
+  bool exact = true;
+  for (std::size_t i = 0; i < n; ++i) exact = exact && widened.values()[i] == grove::to_float(b16.values()[i]);
+  CHECK(exact);
+  CHECK(b16.routing_view().router()(3, 5) == grove::to_float(b16.view().router()(3, 5)));
+  // Writing the router through span() and refreshing keeps the routing copy in step.
+  auto edited = grove::layer_parameters<grove::bf16>(b16);
+  edited.span().router()(1, 2) = grove::to_bf16(1.5f);
+  edited.refresh_routing();
+  CHECK(edited.routing_view().router()(1, 2) == 1.5f);
+}
+
+template <class Layer>
+concept has_training_forward = requires(const Layer& layer, grove::routing_plan<typename Layer::scalar> plan,
+                                        row_matrix<typename Layer::scalar> m,
+                                        grove::saved_activations<typename Layer::scalar> saved) {
+  layer.forward_saving(plan, m, m, saved);
+};
+
+TEST_CASE("fast_cpu: a BF16 grove::layer routes in fp32 and runs the BF16 weights") {
+  const layer_case c{"bf16 layer", {48, 8, 4, 32, 16}, 3, 19};
+  const prepared p = prepare(c, 41);
+  auto params = grove::layer_parameters<float>(p.params);
+  params.bias()[2] = 0.25f;  // exact in bf16, so a caller-owned bf16 bias holds it too
+  const auto w = grove::layer_parameters<grove::bf16>::from(params.view());
+  using bf16_config = grove::dynamic_config<grove::bf16>;
+  auto runner = std::make_shared<grove::cpu_runner>(grove::cpu_runner_options{2, grove::simd::best_isa(), {}});
+  const grove::layer<bf16_config> layer(bf16_config(c.dims, c.top_k, p.plan.scale), grove::layer_parameters<grove::bf16>(w),
+                                        runner);
+  static_assert(std::is_same_v<decltype(layer)::scalar, float>);
+  static_assert(std::is_same_v<decltype(layer)::weight_type, grove::bf16>);
+  // No training forward for a format without a backward: it does not compile.
+  static_assert(!has_training_forward<grove::layer<bf16_config>>);
+  static_assert(has_training_forward<grove::layer<grove::dynamic_config<float>>>);
+  const grove::forward_result<float> result = layer.forward(p.x, {.routing = true});
+  REQUIRE(result.routing.has_value());
+  // The picks are those of the fp32 router widened from bf16 (with the fp32 bias).
+  const auto plan = grove::route(w.routing_view(), {c.top_k, p.plan.scale}, p.x);
+  CHECK(result.routing->topk_ids == plan.topk_ids);
+  CHECK(same_bits(result.routing->logits, plan.logits));
+  // The output is the layer computed with the bf16 weights: against a double reference on the
+  // widened weights, within the activation rounding of vdpbf16ps where the level uses it.
+  const reference_result exact = reference_forward(w.view(), plan, p.x, false);
+  const bool rounds_activations = grove::simd::best_isa() == isa::avx512_bf16;
+  CHECK(relative_error(result.y, exact) < (rounds_activations ? 3e-2 : 1e-5));
+  // And bit for bit what the runner gives on the same plan.
+  row_matrix<float> direct(c.tokens, c.dims.hidden);
+  runner->forward(w.view(), plan, p.x, direct);
+  CHECK(same_bits(result.y, direct));
+  // A layer over caller-owned bf16 buffers (the bias in bf16 too) keeps its own fp32 routing
+  // copy and gives the same bits.
+  std::vector<grove::bf16> bias(static_cast<std::size_t>(c.dims.experts), grove::to_bf16(0.0f));
+  bias[2] = grove::to_bf16(0.25f);
+  grove::weights_view<grove::bf16> caller = w.view();
+  caller.set_bias(bias.data());
+  const grove::layer<bf16_config> over_view(bf16_config(c.dims, c.top_k, p.plan.scale), caller, runner);
+  CHECK(same_bits(over_view.forward(p.x), result.y));
+  CHECK(over_view.routing_weights().bias()[2] == 0.25f);
+  // The configuration checks the bf16 weights' sizes as for any format.
+  CHECK_THROWS_WITH_AS(grove::layer<bf16_config>(bf16_config({48, 8, 4, 16, 16}, c.top_k, p.plan.scale),
+                                                 grove::layer_parameters<grove::bf16>(w)),
+                       doctest::Contains("the weights have (H, E, G, I, Ia) = (48, 8, 4, 32, 16)"), grove::error);
 }
 
 TEST_CASE("fast_cpu: group partials, combined in the canonical order, are y bit for bit; shards of groups too") {

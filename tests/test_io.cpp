@@ -519,7 +519,7 @@ TEST_CASE("io: a layer decodes straight into BF16 memory: copied from BF16, roun
     const std::string path = dir / ("w-" + std::string(io::dtype_name(stored)) + ".safetensors");
     io::save_layer(path, with_bias.view(), "m", stored);
     const io::checkpoint ckpt(path);
-    const grove::bf16_weights w = io::load_layer_bf16(ckpt, "m");
+    const grove::layer_parameters<grove::bf16> w = io::load_layer<grove::bf16>(ckpt, "m");
     CHECK(w.dims() == small);
     // Expected: the file's values read as double (exact for every dtype here), rounded once to
     // bf16 by the rule written out in this test (round to nearest, ties to even).
@@ -550,7 +550,7 @@ TEST_CASE("io: a layer decodes straight into BF16 memory: copied from BF16, roun
     CHECK(w.routing_view().router()(2, 3) == grove::to_float(w.view().router()(2, 3)));
     // From F32 it is exactly what rounding the fp32 layer in memory gives.
     if (stored == io::dtype::f32) {
-      const grove::bf16_weights from_f32 = grove::bf16_weights::from(io::load_layer<float>(ckpt, "m").view());
+      const grove::layer_parameters<grove::bf16> from_f32 = grove::layer_parameters<grove::bf16>::from(io::load_layer<float>(ckpt, "m").view());
       CHECK(std::memcmp(w.view().router().data(), from_f32.view().router().data(),
                         sizeof(grove::bf16) * static_cast<std::size_t>(grove::total_parameters(small))) == 0);
     }
@@ -561,17 +561,17 @@ TEST_CASE("io: a layer decodes straight into BF16 memory: copied from BF16, roun
   nan_values[5] = std::numeric_limits<float>::quiet_NaN();
   named(tensors, "m.experts.1.up_proj.weight").bytes = f32_bytes(nan_values);
   write_file(dir / "nan.safetensors", safetensors_bytes(tensors));
-  CHECK_THROWS_WITH_AS((void)io::load_layer_bf16(io::checkpoint(dir / "nan.safetensors"), "m"),
+  CHECK_THROWS_WITH_AS((void)io::load_layer<grove::bf16>(io::checkpoint(dir / "nan.safetensors"), "m"),
                        Contains("tensor 'experts.1.up_proj.weight' holds a non-finite value"), grove::error);
   auto nan_bias = layer_tensors("m");
   named(nan_bias, "m.expert_bias").bytes = f32_bytes({0.5f, std::numeric_limits<float>::infinity(), 0.0f, 1.0f});
   write_file(dir / "nan-bias.safetensors", safetensors_bytes(nan_bias));
-  CHECK_THROWS_WITH_AS((void)io::load_layer_bf16(io::checkpoint(dir / "nan-bias.safetensors"), "m"),
+  CHECK_THROWS_WITH_AS((void)io::load_layer<grove::bf16>(io::checkpoint(dir / "nan-bias.safetensors"), "m"),
                        Contains("tensor 'expert_bias' holds a non-finite value (inf) at row 1"), grove::error);
   write_file(dir / "missing.safetensors", safetensors_bytes(without(layer_tensors("m"), "chunk_experts.1.up_proj")));
-  CHECK_THROWS_WITH_AS((void)io::load_layer_bf16(io::checkpoint(dir / "missing.safetensors"), "m"),
+  CHECK_THROWS_WITH_AS((void)io::load_layer<grove::bf16>(io::checkpoint(dir / "missing.safetensors"), "m"),
                        Contains("m.chunk_experts.1.up_proj.weight"), grove::error);
-  CHECK(grove::bf16_weights::bytes_for(small) == io::load_layer_bf16(io::checkpoint(dir / "w-F32.safetensors"), "m").bytes());
+  CHECK(grove::layer_parameters<grove::bf16>::bytes_for(small) == io::load_layer<grove::bf16>(io::checkpoint(dir / "w-F32.safetensors"), "m").bytes());
   CHECK(grove::layer_parameters<float>::bytes_for(small) == with_bias.bytes());
 }
 

@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <exception>
 #include <filesystem>
+#include <iomanip>
 #include <iostream>
 #include <new>
 #include <optional>
@@ -35,7 +36,9 @@ using grove::index;
 using matrix = grove::row_matrix<float>;
 /// The layer the tool runs: every size from the checkpoint, k and λ from the command line or
 /// config.json, and no paper bound on λ (a user may study any λ on a real checkpoint).
-using cli_config = grove::dynamic_config<float, grove::unchecked_scale_bound>;
+template <class Format>
+using cli_config_in = grove::dynamic_config<Format, grove::unchecked_scale_bound>;
+using cli_config = cli_config_in<float>;
 using cli_layer = grove::layer<cli_config>;
 
 struct run_options {
@@ -214,9 +217,10 @@ int run_command(const run_options& o) {
   std::optional<backward_outputs> gradients;
   if (o.dtype == "bf16") {
     // BF16 weights, decoded straight from the checkpoint; the router and its logits stay fp32.
-    const grove::bf16_weights w = io::load_layer_bf16(weights, o.prefix);
-    grove::route_into(plan, w.routing_view(), grove::routing_options{top_k, scale}, x);
-    runner->forward(w.view(), plan, x, y);
+    const grove::layer<cli_config_in<grove::bf16>> layer(cli_config_in<grove::bf16>(dims, top_k, scale),
+                                                         io::load_layer<grove::bf16>(weights, o.prefix), runner);
+    layer.route_into(plan, x);
+    layer.forward(plan, x, y);
   } else {
     const cli_layer layer(std::move(layer_config), io::load_layer<float>(weights, o.prefix), runner);
     layer.route_into(plan, x);
@@ -305,10 +309,14 @@ int info_command(const info_options& o) {
   const index experts = d.experts * 3 * d.hidden * d.expert_intermediate;
   const index adjugates = d.groups * 3 * d.hidden * d.adjugate_intermediate;
   std::cout << "memory of the weights in each format (grove run --dtype)\n";
-  std::cout << "  f32  = " << grove::layer_parameters<float>::bytes_for(d) << " bytes (" << format_mib(grove::layer_parameters<float>::bytes_for(d))
-            << ")  every tensor and the bias in fp32\n";
-  std::cout << "  bf16 = " << grove::bf16_weights::bytes_for(d) << " bytes (" << format_mib(grove::bf16_weights::bytes_for(d))
-            << ")  tensors in bf16, plus an fp32 copy of the router and the fp32 bias for routing\n";
+  for (const grove::format_info& format : grove::weight_formats) {
+    const std::size_t bytes = grove::visit_format(
+        format.format, [&]<class Storage>() { return grove::layer_parameters<Storage>::bytes_for(d); });
+    std::cout << "  " << std::left << std::setw(5) << format.name << std::right << "= " << bytes << " bytes ("
+              << format_mib(bytes) << ")  tensors in " << format.name
+              << (format.fp32_routing_copy ? ", plus an fp32 copy of the router and the fp32 bias for routing\n"
+                                           : " and the bias\n");
+  }
   std::cout << "parameters\n";
   std::cout << "  total = " << grove::total_parameters(d) << "  (router " << router << " + experts " << experts
             << " + adjugates " << adjugates << "; expert_bias not counted)\n";

@@ -7,6 +7,7 @@
 #include "grove/config/dynamic.hpp"
 #include "grove/config/layer_dims.hpp"
 #include "grove/error.hpp"
+#include "grove/formats/weight_format.hpp"
 
 GROVE_BEGIN_NAMESPACE
 
@@ -14,7 +15,8 @@ GROVE_BEGIN_NAMESPACE
 /// adjugate scale λ, each either fixed or `dynamic` (`dynamic_scale` for λ), plus the scalar
 /// type and the scale-bound policy. What is fixed is checked here, at compile time; what is
 /// dynamic is checked by the constructor. Sizes that only weights determine (H, I, Ia) are
-/// always run-time values.
+/// always run-time values. `Scalar` is the format the weights are held in (float, double or
+/// grove::bf16, formats/weight_format.hpp).
 ///
 ///   using inst = grove::layer_config<128, 64, 8, grove::ratio<1, 20>>;   // GroveMoE-Inst
 ///   using any  = grove::layer_config<>;                                  // all from a file
@@ -22,7 +24,7 @@ template <int Experts = dynamic, int Groups = dynamic, int TopK = dynamic,
           class Scale = dynamic_scale, class Scalar = float,
           class ScaleBound = check_scale_bound>
 class layer_config {
-  static_assert(std::is_floating_point_v<Scalar>, "GROVE_SCALAR_MUST_BE_A_FLOATING_POINT_TYPE");
+  static_assert(weight_storage<Scalar>, "GROVE_SCALAR_MUST_BE_A_WEIGHT_FORMAT_FLOAT_DOUBLE_OR_BF16");
   static_assert(Experts == dynamic || Experts >= 1, "GROVE_EXPERT_COUNT_MUST_BE_POSITIVE");
   static_assert(Groups == dynamic || Groups >= 1, "GROVE_GROUP_COUNT_MUST_BE_POSITIVE");
   static_assert(Experts == dynamic || Groups == dynamic || Experts % Groups == 0,

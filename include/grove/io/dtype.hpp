@@ -11,7 +11,7 @@
 #include <type_traits>
 
 #include "grove/error.hpp"
-#include "grove/weights/bf16.hpp"
+#include "grove/formats/bf16.hpp"
 
 GROVE_BEGIN_NAMESPACE
 namespace io {

@@ -12,7 +12,6 @@
 #include "grove/config/layer_dims.hpp"
 #include "grove/error.hpp"
 #include "grove/weights/check_finite.hpp"
-#include "grove/weights/bf16_weights.hpp"
 #include "grove/weights/layer_parameters.hpp"
 #include "grove/weights/layer_weights.hpp"
 #include "grove/io/checkpoint.hpp"
@@ -190,7 +189,7 @@ void read_layer_tensors(const checkpoint& ckpt, std::string_view prefix, const w
   };
   into.for_each_tensor([&](const tensor_info& info, Scalar* const& data) {
     if (!adjugates && is_adjugate(info.role)) return;
-    if (data == nullptr) return;  // a tensor the destination keeps elsewhere (bf16_weights' fp32 bias)
+    if (data == nullptr) return;  // a tensor the destination keeps elsewhere (a BF16 layer's fp32 bias)
     const std::string name = tensor_name(prefix, info.name);
     const bool bias = info.role == tensor_role::selection_bias;
     if (bias && !ckpt.contains(name)) return;
@@ -206,40 +205,36 @@ void read_layer_tensors(const checkpoint& ckpt, std::string_view prefix, const w
   }
 }
 
-/// Loads the Grove layer under `prefix`: sizes inferred (infer_layer_dims), every tensor read
-/// and converted to Scalar (BF16/F16/F32/F64 on disk), `expert_bias` zero when the checkpoint has
-/// none. Only this layer's bytes are read. Throws grove::error naming the full tensor name on a
-/// missing tensor, a wrong shape, an unsupported dtype, or a NaN/Inf weight.
-template <class Scalar>
-[[nodiscard]] layer_parameters<Scalar> load_layer(const checkpoint& ckpt, std::string_view prefix) {
+/// Loads the Grove layer under `prefix` into memory of format `Storage` (float, double or
+/// grove::bf16; formats/weight_format.hpp): sizes inferred (infer_layer_dims), every tensor
+/// decoded straight into the format from BF16/F16/F32/F64 on disk (bit for bit where the dtype
+/// is the format's, otherwise rounded once), `expert_bias` zero when the checkpoint has none.
+/// There is no fp32 copy of the layer on the way: a BF16 layer peaks at its BF16 bytes plus the
+/// fp32 router copy and bias (docs/io.md, "BF16 weights"). Only this layer's bytes are read.
+/// Throws grove::error naming the full tensor name on a missing tensor, a wrong shape, an
+/// unsupported dtype, or a NaN/Inf weight.
+template <weight_storage Storage>
+[[nodiscard]] layer_parameters<Storage> load_layer(const checkpoint& ckpt, std::string_view prefix) {
   const layer_dims dims = infer_layer_dims(ckpt, prefix);
   check_layer_tensors(ckpt, prefix, dims);
-  layer_parameters<Scalar> parameters(dims);
+  layer_parameters<Storage> parameters(dims);
   read_layer_tensors(ckpt, prefix, parameters.span(), /*adjugates=*/true);
+  using routing_scalar = typename layer_parameters<Storage>::routing_scalar;
+  if constexpr (!std::is_same_v<routing_scalar, Storage>) {
+    // The bias is kept in the routing type, not the format's: read and checked by the same
+    // mechanism, through a view that holds only it.
+    weights_span<routing_scalar> bias_only(dims);
+    bias_only.set_bias(parameters.bias().data());
+    read_layer_tensors(ckpt, prefix, bias_only, /*adjugates=*/false);
+  }
+  parameters.refresh_routing();
   return parameters;
 }
 
 /// Same, opening `path` (a .safetensors file or a checkpoint directory).
-template <class Scalar>
-[[nodiscard]] layer_parameters<Scalar> load_layer(const std::filesystem::path& path, std::string_view prefix) {
-  return load_layer<Scalar>(checkpoint(path), prefix);
-}
-
-/// Loads the Grove layer under `prefix` into BF16 memory (bf16_weights): every tensor decoded
-/// straight into bf16 (copied bit for bit from BF16, rounded once to nearest even from F32, F16
-/// or F64) with no fp32 copy of the layer on the way, so the peak memory is the layer's BF16
-/// bytes plus the fp32 router and bias (docs/io.md, "BF16 weights"). Same checks as load_layer.
-[[nodiscard]] inline bf16_weights load_layer_bf16(const checkpoint& ckpt, std::string_view prefix) {
-  const layer_dims dims = infer_layer_dims(ckpt, prefix);
-  check_layer_tensors(ckpt, prefix, dims);
-  bf16_weights weights(dims);
-  read_layer_tensors(ckpt, prefix, weights.span(), /*adjugates=*/true);
-  // The fp32 bias, read and checked by the same mechanism through a view that holds only it.
-  weights_span<float> bias_only(dims);
-  bias_only.set_bias(weights.bias().data());
-  read_layer_tensors(ckpt, prefix, bias_only, /*adjugates=*/false);
-  weights.refresh_router();
-  return weights;
+template <weight_storage Storage>
+[[nodiscard]] layer_parameters<Storage> load_layer(const std::filesystem::path& path, std::string_view prefix) {
+  return load_layer<Storage>(checkpoint(path), prefix);
 }
 
 /// Adds every tensor of `weights` to `writer` under `prefix` with the checkpoint names, stored as

@@ -6,17 +6,13 @@
 
 #include <type_traits>
 
-#include "grove/weights/bf16_weights.hpp"
+#include "grove/formats/format_traits.hpp"
 #include "grove/weights/layer_weights.hpp"
 #include "grove/weights/tensor_types.hpp"
 #include "grove/plan/saved_activations.hpp"
 #include "grove/plan/routing_plan.hpp"
 
 GROVE_BEGIN_NAMESPACE
-
-/// The activation type that goes with a weight type: BF16 weights run on fp32 activations.
-template <class Weight>
-using activation_t = std::conditional_t<std::is_same_v<Weight, bf16>, float, Weight>;
 
 /// What a forward writes: y, or the per-group partials that a combine (plan/combine.hpp) sums
 /// into y later, elsewhere (in another process, for expert parallelism).

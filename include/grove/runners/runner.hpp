@@ -3,7 +3,7 @@
 #include <string>
 #include <type_traits>
 
-#include "grove/weights/bf16_weights.hpp"
+#include "grove/formats/format_traits.hpp"
 #include "grove/weights/layer_weights.hpp"
 #include "grove/weights/tensor_types.hpp"
 #include "grove/plan/pass_requests.hpp"

@@ -107,8 +107,10 @@ struct training_forward {
 };
 
 /// Routes x and runs the experts of `layer` on its runner, keeping the pre-activations when
-/// `keep_activations` (otherwise backward recomputes them).
+/// `keep_activations` (otherwise backward recomputes them). The layer's format must have a
+/// backward (f32, f64).
 template <layer_configuration Config>
+  requires(info_of<typename Config::scalar>().trainable)
 [[nodiscard]] training_forward<typename Config::scalar> forward_for_training(const layer<Config>& layer,
                                                                              const_rows_ref<typename Config::scalar> x,
                                                                              bool keep_activations = true) {
@@ -125,6 +127,7 @@ template <layer_configuration Config>
 
 /// backward() for a layer and what forward_for_training returned, on the layer's runner.
 template <layer_configuration Config>
+  requires(info_of<typename Config::scalar>().trainable)
 void backward(const layer<Config>& layer, const training_forward<typename Config::scalar>& forward,
               const_rows_ref<typename Config::scalar> x, const_rows_ref<typename Config::scalar> dy,
               const weights_span<typename Config::scalar>& grads, rows_ref<typename Config::scalar> dx) {

@@ -3,61 +3,152 @@
 #include <algorithm>
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "grove/config/layer_dims.hpp"
+#include "grove/formats/format_traits.hpp"
+#include "grove/weights/huge_page_allocator.hpp"
 #include "grove/weights/layer_weights.hpp"
 #include "grove/weights/random.hpp"
 
 GROVE_BEGIN_NAMESPACE
 
-/// A layer's weights, owned. The trainable tensors (router, experts, adjugates) lie in one flat
-/// buffer in checkpoint order, so an optimizer or a gradient accumulator treats them as one
-/// vector; the selection bias is a separate buffer because it is not trained by gradients
-/// (docs/math.md, "Load balancing"). Gradients of a layer are a layer_parameters too.
-template <class Scalar>
+/// A layer's weights, owned, in any format of the format table (formats/weight_format.hpp):
+/// `layer_parameters<float>`, `<double>` or `<bf16>`. The trainable tensors (router, experts,
+/// adjugates) lie in one flat buffer in checkpoint order and PyTorch's [out, in] layout, so an
+/// optimizer or a gradient accumulator treats them as one vector; gradients of a layer are a
+/// layer_parameters too. The selection bias is a separate buffer in the routing type, because
+/// it is not trained by gradients (docs/math.md, "Load balancing").
+///
+/// Routing reads the router and the bias in the activation type (fp32 for BF16, whose logits
+/// are always fp32, docs/math.md step 1): routing_view() is them. For a format with the table's
+/// `fp32_routing_copy`, an fp32 copy of the router (exact for BF16) is kept beside the tensors.
+///
+///   auto w = grove::layer_parameters<grove::bf16>::from(params.view());   // fp32 → bf16
+///   auto plan = grove::route(w.routing_view(), {k, lambda}, x);
+///   runner.forward(w.view(), plan, x, y);
+///
+/// Large buffers are 2 MiB aligned and advised to use huge pages (huge_page_allocator).
+template <weight_storage Storage>
 class layer_parameters {
  public:
+  using storage = Storage;
+  /// The type of the router copy and the bias that routing reads: float for BF16.
+  using routing_scalar = activation_t<Storage>;
+
   layer_parameters() = default;
 
   /// All tensors zero, bias zero.
   explicit layer_parameters(const layer_dims& dims)
-      : dims_(dims), values_(static_cast<std::size_t>((dims.validate(), total_parameters(dims))), Scalar(0)),
-        bias_(static_cast<std::size_t>(dims.experts), Scalar(0)) {}
+      : dims_(dims), values_(static_cast<std::size_t>((dims.validate(), total_parameters(dims))), Storage(0)),
+        bias_(static_cast<std::size_t>(dims.experts), routing_scalar(0)) {
+    if constexpr (has_routing_copy) router_.assign(static_cast<std::size_t>(dims.experts * dims.hidden), 0.0f);
+  }
 
-  /// Every trainable weight drawn from N(0, stddev²) with a fixed, portable generator; bias zero.
+  /// Every trainable weight drawn from N(0, stddev²) with a fixed, portable generator (rounded
+  /// to the format once); bias zero.
   static layer_parameters random(const layer_dims& dims, std::uint64_t seed, double stddev) {
     layer_parameters p(dims);
     detail::normal_generator gen(seed);
-    for (Scalar& v : p.values_) v = static_cast<Scalar>(stddev * gen.normal());
+    for (Storage& v : p.values_) v = format_traits<Storage>::from_float(stddev * gen.normal());
+    p.refresh_routing();
     return p;
+  }
+
+  /// `weights` in this format: each tensor converted once (rounded to nearest even into BF16),
+  /// the bias kept in the routing type.
+  template <weight_storage From>
+  static layer_parameters from(const weights_view<From>& weights) {
+    weights.require_complete();
+    layer_parameters out(weights.dims());
+    std::size_t at = 0;
+    weights.for_each_tensor([&](const tensor_info& info, const From* const& p) {
+      if (info.role == tensor_role::selection_bias) {
+        if (p != nullptr)
+          for (index e = 0; e < info.rows; ++e)
+            out.bias_[static_cast<std::size_t>(e)] =
+                static_cast<routing_scalar>(format_traits<From>::to_float(p[e]));
+        return;
+      }
+      for (index i = 0; i < info.size(); ++i)
+        out.values_[at + static_cast<std::size_t>(i)] =
+            format_traits<Storage>::from_float(format_traits<From>::to_float(p[i]));
+      at += static_cast<std::size_t>(info.size());
+    });
+    out.refresh_routing();
+    return out;
   }
 
   [[nodiscard]] const layer_dims& dims() const { return dims_; }
 
-  /// Read-only view; valid while this object lives (moving it keeps the buffers).
-  [[nodiscard]] weights_view<Scalar> view() const { return bind<const Scalar>(values_.data(), bias_.data()); }
-  /// Writable view.
-  [[nodiscard]] weights_span<Scalar> span() { return bind<Scalar>(values_.data(), bias_.data()); }
+  /// Read-only view of every tensor; valid while this object lives (moving it keeps the
+  /// buffers). For a format with an fp32 routing copy the bias is not in this view (it is not
+  /// a tensor of this format): see routing_view().
+  [[nodiscard]] weights_view<Storage> view() const { return bind<const Storage>(values_.data(), own_bias()); }
+  /// Writable view (gradients, optimizers, loading a checkpoint in place). After writing the
+  /// router of a format with a routing copy through it, call refresh_routing().
+  [[nodiscard]] weights_span<Storage> span() { return bind<Storage>(values_.data(), own_bias()); }
+
+  /// What grove::route reads: the router and the bias in the routing type. For f32 and f64 it
+  /// is view() itself; for BF16 the fp32 router copy and the fp32 bias (expert tensors unset).
+  [[nodiscard]] weights_view<routing_scalar> routing_view() const {
+    if constexpr (has_routing_copy) {
+      weights_view<routing_scalar> w(dims_);
+      w.set_router(router_.data());
+      w.set_bias(bias_.data());
+      return w;
+    } else {
+      return view();
+    }
+  }
+
+  /// Recomputes the routing copy of the router after the tensors were written through span();
+  /// nothing to do for a format without one.
+  void refresh_routing() {
+    if constexpr (has_routing_copy) {
+      const Storage* router = values_.data();  // the router is the first tensor in checkpoint order
+      for (std::size_t i = 0; i < router_.size(); ++i)
+        router_[i] = static_cast<float>(format_traits<Storage>::to_float(router[i]));
+    }
+  }
 
   /// The trainable weights as one vector (router, experts, adjugates, in checkpoint order).
-  [[nodiscard]] std::span<Scalar> values() { return values_; }
-  [[nodiscard]] std::span<const Scalar> values() const { return values_; }
-  /// The selection bias b, [E].
-  [[nodiscard]] std::span<Scalar> bias() { return bias_; }
-  [[nodiscard]] std::span<const Scalar> bias() const { return bias_; }
+  [[nodiscard]] std::span<Storage> values() { return values_; }
+  [[nodiscard]] std::span<const Storage> values() const { return values_; }
+  /// The selection bias b, [E], in the routing type.
+  [[nodiscard]] std::span<routing_scalar> bias() { return bias_; }
+  [[nodiscard]] std::span<const routing_scalar> bias() const { return bias_; }
 
-  /// Bytes held: every tensor and the bias, in Scalar.
-  [[nodiscard]] std::size_t bytes() const { return (values_.size() + bias_.size()) * sizeof(Scalar); }
+  /// Bytes held: every tensor, the routing copy and the bias.
+  [[nodiscard]] std::size_t bytes() const { return bytes_for(dims_); }
   /// What bytes() is for a layer of these dims.
   [[nodiscard]] static std::size_t bytes_for(const layer_dims& dims) {
-    return static_cast<std::size_t>(total_parameters(dims) + dims.experts) * sizeof(Scalar);
+    const auto experts = static_cast<std::size_t>(dims.experts);
+    const std::size_t copy = has_routing_copy ? experts * static_cast<std::size_t>(dims.hidden) * sizeof(float) : 0;
+    return static_cast<std::size_t>(total_parameters(dims)) * sizeof(Storage) + copy +
+           experts * sizeof(routing_scalar);
   }
 
   /// Sets every trainable weight to zero (gradients between steps); the bias is untouched.
-  void zero_values() { std::fill(values_.begin(), values_.end(), Scalar(0)); }
+  void zero_values() {
+    std::fill(values_.begin(), values_.end(), Storage(0));
+    refresh_routing();
+  }
 
  private:
+  static constexpr bool has_routing_copy = info_of<Storage>().fp32_routing_copy;
+  static_assert(!has_routing_copy || std::is_same_v<routing_scalar, float>,
+                "GROVE_A_ROUTING_COPY_IS_FP32");
+
+  /// The bias as a tensor of this format, or null when it is kept in another type.
+  [[nodiscard]] Storage* own_bias() const {
+    if constexpr (std::is_same_v<routing_scalar, Storage>)
+      return const_cast<Storage*>(bias_.data());  // view() binds it read-only
+    else
+      return nullptr;
+  }
+
   template <class T>
   layer_weights<T> bind(T* values, T* bias) const {
     layer_weights<T> w(dims_);
@@ -73,9 +164,13 @@ class layer_parameters {
     return w;
   }
 
+  template <class T>
+  using buffer = std::vector<T, detail::huge_page_allocator<T>>;
+
   layer_dims dims_{};
-  std::vector<Scalar> values_;
-  std::vector<Scalar> bias_;
+  buffer<Storage> values_;
+  std::vector<routing_scalar> bias_;
+  std::vector<float> router_;  // the fp32 routing copy of the router, for formats that keep one
 };
 
 GROVE_END_NAMESPACE

@@ -11,13 +11,14 @@
 #include <type_traits>
 
 #include "grove/error.hpp"
-#include "grove/weights/bf16_weights.hpp"
+#include "grove/formats/weight_format.hpp"
 #include "grove/weights/layer_weights.hpp"
 #include "grove/weights/tensor_types.hpp"
 #include "grove/kernels/cpu/backward_inputs.hpp"
 #include "grove/kernels/cpu/backward_schedule.hpp"
 #include "grove/kernels/cpu/batch_shapes.hpp"
 #include "grove/kernels/cpu/expert_schedule.hpp"
+#include "grove/kernels/cpu/format_kernels.hpp"
 #include "grove/kernels/cpu/kernel_table.hpp"
 #include "grove/kernels/cpu/routing_weight_grads.hpp"
 #include "grove/plan/saved_activations.hpp"
@@ -90,26 +91,21 @@ class cpu_engine {
               "once_per_pick)");
       require_batch_shapes(d, request.plan, request.y.rows(), request.y.cols(), "output y");
     }
-    if constexpr (std::is_same_v<W, float>) {
-      schedule_f32_.build(request.weights, request.plan, shape_);
-      float* gate_out = nullptr;
-      float* up_out = nullptr;
-      if (request.saved != nullptr) {
-        request.saved->reset(d, request.plan);
-        gate_out = request.saved->gate.data();
-        up_out = request.saved->up.data();
-      }
-      run_pass<float, float, float>(schedule_f32_, request.x, request.y, partials, x_f32_, h_f32_, gate_out, up_out);
-    } else {
-      require(request.saved == nullptr,
-              "grove: a training forward needs fp32 weights (there is no BF16 backward yet)");
-      schedule_bf16_.build(request.weights, request.plan, shape_);
-      if (kernels_->bf16_dot.gate_up != nullptr)
-        run_pass<std::uint16_t, std::uint16_t, std::uint16_t>(schedule_bf16_, request.x, request.y, partials, x_bf16_,
-                                                              h_bf16_);
-      else
-        run_pass<float, std::uint16_t, float>(schedule_bf16_, request.x, request.y, partials, x_f32_, h_f32_);
+    float* gate_out = nullptr;
+    float* up_out = nullptr;
+    if (request.saved != nullptr) {
+      require(info_of<W>().trainable, "grove: a training forward needs weights of a format with a backward (",
+              info_of<W>().name, " has none yet)");
+      request.saved->reset(d, request.plan);
+      gate_out = request.saved->gate.data();
+      up_out = request.saved->up.data();
     }
+    expert_schedule<W>& schedule = schedule_of<W>();
+    schedule.build(request.weights, request.plan, shape_);
+    // The format's row says which kernels run it at this level (kernels/cpu/format_kernels.hpp).
+    cpu_format<W>::with_kernels(*kernels_, [&]<class A, class Wbits, class Hs>() {
+      run_pass<A, Wbits, Hs>(schedule, request.x, request.y, partials, staging<A>(), h_of<Hs>(), gate_out, up_out);
+    });
   }
 
   /// The fused backward of `request` (docs/performance.md, "Backward"), fp32.
@@ -263,6 +259,29 @@ class cpu_engine {
     timings_.stage = std::chrono::duration<double>(staged_at - start).count();
     timings_.gate_up = std::chrono::duration<double>(gate_up_at - staged_at).count();
     timings_.down = std::chrono::duration<double>(done_at - gate_up_at).count();
+  }
+
+  template <class W>
+  expert_schedule<W>& schedule_of() {
+    if constexpr (std::is_same_v<W, float>)
+      return schedule_f32_;
+    else
+      return schedule_bf16_;
+  }
+  /// The staging buffer of x, and h's buffer, for elements A and Hs (fp32, or bf16 bits).
+  template <class A>
+  growing_buffer<A>& staging() {
+    if constexpr (std::is_same_v<A, float>)
+      return x_f32_;
+    else
+      return x_bf16_;
+  }
+  template <class Hs>
+  growing_buffer<Hs>& h_of() {
+    if constexpr (std::is_same_v<Hs, float>)
+      return h_f32_;
+    else
+      return h_bf16_;
   }
 
   std::unique_ptr<thread_pool> pool_;

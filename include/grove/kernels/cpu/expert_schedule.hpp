@@ -11,6 +11,7 @@
 #include <Eigen/Core>
 
 #include "grove/error.hpp"
+#include "grove/kernels/cpu/format_kernels.hpp"
 #include "grove/weights/layer_weights.hpp"
 #include "grove/plan/routing_plan.hpp"
 
@@ -28,18 +29,6 @@ struct schedule_shape {
 
 namespace detail {
 
-/// How the kernels see a weight element: float, or the bits of a bf16 (Eigen::bfloat16 is a
-/// standard-layout wrapper of one unsigned short).
-template <class W>
-struct weight_bits {
-  using type = W;
-};
-template <>
-struct weight_bits<Eigen::bfloat16> {
-  using type = std::uint16_t;
-};
-template <class W>
-using weight_bits_t = typename weight_bits<W>::type;
 
 /// One unit of expert work: a routed expert or an adjugate with the plan rows it processes.
 /// Routed experts and adjugates are items of the same kind; only their sizes differ.
