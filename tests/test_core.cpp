@@ -383,7 +383,10 @@ TEST_SUITE("forward") {
 TEST_SUITE("routing") {
   TEST_CASE("batch invariance: a token's logits and picks are the same bits in any batch, at any position") {
     // H = 67 and 130: a zero-padded last chunk on every SIMD width; E = 10: a short expert block.
-    for (const layer_dims dims : {layer_dims{67, 10, 5, 8, 4}, layer_dims{130, 12, 4, 8, 4}}) {
+    // H = 1100, E = 70: a batch's chains run in steps of H (512, 512, then 76 with the padded
+    // chunk) through memory while a lone token's run in one; two chunks of experts, one short.
+    for (const layer_dims dims : {layer_dims{67, 10, 5, 8, 4}, layer_dims{130, 12, 4, 8, 4},
+                                  layer_dims{1100, 70, 10, 8, 4}}) {
       CAPTURE(dims.hidden);
       const auto params = grove::layer_parameters<float>::random(dims, 71, 0.2);
       grove::detail::normal_generator gen(72);

@@ -26,44 +26,69 @@ constexpr int block_rows = arch::registers >= 32 ? 4 : 2;
 constexpr int block_experts = 4;
 constexpr int lone_block_experts = 8;
 
-/// MR tokens × NR experts of logits into out[r * NR + c].
+/// Columns of x (and of the router) per step of a block: MR rows of x × this many floats stay in
+/// L1 (8 KiB for four rows) while the block's router rows stream from L2 past them. A chain that
+/// spans several steps carries its vector accumulator through memory, so splitting H into steps
+/// never changes the order inside a chain (a multiple of every level's width).
+constexpr index hidden_step = 512;
+static_assert(hidden_step % lanes == 0);
+
+/// One step [k_begin, k_end) of MR tokens × NR experts of chains: the accumulators start at zero
+/// (first step) or from `state`; after the last step (k_end == hidden, whose tail may be a partial
+/// chunk) they are reduced into out[r * NR + c], otherwise stored back to `state`.
 template <int MR, int NR>
-void logit_block(const float* const* x, const float* const* w, index hidden, float* out) {
-  constexpr int block_experts = NR;
-  fbatch acc[MR][block_experts];
-  GROVE_SIMD_UNROLL
-  for (int r = 0; r < MR; ++r) {
+void logit_block(const float* const* x, const float* const* w, index k_begin, index k_end, index hidden,
+                 fbatch* state, float* out) {
+  fbatch acc[MR][NR];
+  if (k_begin == 0) {
     GROVE_SIMD_UNROLL
-    for (int c = 0; c < block_experts; ++c) acc[r][c] = fbatch::zero();
+    for (int r = 0; r < MR; ++r) {
+      GROVE_SIMD_UNROLL
+      for (int c = 0; c < NR; ++c) acc[r][c] = fbatch::zero();
+    }
+  } else {
+    GROVE_SIMD_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      GROVE_SIMD_UNROLL
+      for (int c = 0; c < NR; ++c) acc[r][c] = state[r * NR + c];
+    }
   }
-  index k = 0;
-  for (; k + lanes <= hidden; k += lanes) {
+  index k = k_begin;
+  for (; k + lanes <= k_end; k += lanes) {
     fbatch xv[MR];
     GROVE_SIMD_UNROLL
     for (int r = 0; r < MR; ++r) xv[r] = fbatch::load(x[r] + k);
     GROVE_SIMD_UNROLL
-    for (int c = 0; c < block_experts; ++c) {
+    for (int c = 0; c < NR; ++c) {
       const fbatch wv = fbatch::load(w[c] + k);
       GROVE_SIMD_UNROLL
       for (int r = 0; r < MR; ++r) acc[r][c] = simd::fma(xv[r], wv, acc[r][c]);
     }
   }
-  if (k < hidden) {
-    const int n = static_cast<int>(hidden - k);
+  if (k < k_end) {  // the zero-padded last chunk of H (k_end == hidden here)
+    const int n = static_cast<int>(k_end - k);
     fbatch xv[MR];
     GROVE_SIMD_UNROLL
     for (int r = 0; r < MR; ++r) xv[r] = fbatch::load_partial(x[r] + k, n);
     GROVE_SIMD_UNROLL
-    for (int c = 0; c < block_experts; ++c) {
+    for (int c = 0; c < NR; ++c) {
       const fbatch wv = fbatch::load_partial(w[c] + k, n);
       GROVE_SIMD_UNROLL
       for (int r = 0; r < MR; ++r) acc[r][c] = simd::fma(xv[r], wv, acc[r][c]);
     }
   }
-  GROVE_SIMD_UNROLL
-  for (int r = 0; r < MR; ++r) {
+  if (k_end == hidden) {
     GROVE_SIMD_UNROLL
-    for (int c = 0; c < block_experts; ++c) out[r * block_experts + c] = simd::reduce_add(acc[r][c]);
+    for (int r = 0; r < MR; ++r) {
+      GROVE_SIMD_UNROLL
+      for (int c = 0; c < NR; ++c) out[r * NR + c] = simd::reduce_add(acc[r][c]);
+    }
+  } else {
+    GROVE_SIMD_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      GROVE_SIMD_UNROLL
+      for (int c = 0; c < NR; ++c) state[r * NR + c] = acc[r][c];
+    }
   }
 }
 
@@ -71,27 +96,39 @@ void logit_block(const float* const* x, const float* const* w, index hidden, flo
 /// in L2 while every block of tokens streams past them once.
 constexpr index experts_per_pass = 64;
 
-/// MR tokens (rows of x at xr) against experts [e_begin, e_end) in blocks of NR.
+/// MR tokens (rows of x at xr) against experts [e_begin, e_end) in blocks of NR, step by step
+/// over H (hidden_step); `state` holds the chains' accumulators between steps.
 template <int MR, int NR>
 void token_block(const float* const* xr, int rows, index t0, const float* router, index e_begin, index e_end,
-                 index hidden, float* logits, index ldl) {
-  for (index e0 = e_begin; e0 < e_end; e0 += NR) {
-    const int cols = e_end - e0 < NR ? static_cast<int>(e_end - e0) : NR;
-    const float* wr[NR];
-    for (int c = 0; c < NR; ++c) wr[c] = router + (e0 + (c < cols ? c : cols - 1)) * hidden;
-    float out[MR * NR];
-    logit_block<MR, NR>(xr, wr, hidden, out);
-    for (int r = 0; r < MR && r < rows; ++r)
-      for (int c = 0; c < cols; ++c) logits[(t0 + r) * ldl + e0 + c] = out[r * NR + c];
+                 index hidden, float* logits, index ldl, fbatch* state) {
+  // A lone token's row of x stays in L1 anyway: its chains run over H in one step.
+  const index step = MR == 1 ? hidden : hidden_step;
+  for (index k0 = 0; k0 < hidden; k0 += step) {
+    const index k1 = hidden - k0 < step ? hidden : k0 + step;
+    fbatch* block_state = state;
+    for (index e0 = e_begin; e0 < e_end; e0 += NR, block_state += MR * NR) {
+      const int cols = e_end - e0 < NR ? static_cast<int>(e_end - e0) : NR;
+      const float* wr[NR];
+      for (int c = 0; c < NR; ++c) wr[c] = router + (e0 + (c < cols ? c : cols - 1)) * hidden;
+      float out[MR * NR];
+      logit_block<MR, NR>(xr, wr, k0, k1, hidden, block_state, out);
+      if (k1 == hidden)
+        for (int r = 0; r < MR && r < rows; ++r)
+          for (int c = 0; c < cols; ++c) logits[(t0 + r) * ldl + e0 + c] = out[r * NR + c];
+    }
   }
 }
 
 /// logits [tokens, experts] (row stride ldl) of x [tokens, hidden] (row stride ldx) against the
-/// router [experts, hidden]: a pass per chunk of experts, in it a block of tokens at a time (their
-/// rows of x stay in L1) against every expert block of the chunk. Short blocks repeat their last
-/// row or expert and drop the result.
+/// router [experts, hidden]: a pass per chunk of experts, in it a block of tokens at a time against
+/// every expert block of the chunk, a step of H at a time (the block's rows of x stay in L1).
+/// Short blocks repeat their last row or expert and drop the result.
 inline void router_logits(const float* x, index ldx, index tokens, const float* router, index experts, index hidden,
                           float* logits, index ldl) {
+  // The accumulators of one token block's chains across an expert chunk: at most
+  // block_rows × experts_per_pass vectors (16 KiB on AVX-512), on the stack.
+  constexpr index state_vectors = (block_rows > 1 ? block_rows : 1) * (experts_per_pass + lone_block_experts);
+  alignas(64) fbatch state[state_vectors];
   for (index chunk = 0; chunk < experts; chunk += experts_per_pass) {
     const index chunk_end = experts - chunk < experts_per_pass ? experts : chunk + experts_per_pass;
     for (index t0 = 0; t0 < tokens; t0 += block_rows) {
@@ -100,13 +137,13 @@ inline void router_logits(const float* x, index ldx, index tokens, const float* 
       for (int r = 0; r < block_rows; ++r) xr[r] = x + (t0 + (r < rows ? r : rows - 1)) * ldx;
       constexpr int four = block_rows >= 4 ? 4 : 1, three = block_rows >= 3 ? 3 : 1;
       if (rows == 4)
-        token_block<four, block_experts>(xr, rows, t0, router, chunk, chunk_end, hidden, logits, ldl);
+        token_block<four, block_experts>(xr, rows, t0, router, chunk, chunk_end, hidden, logits, ldl, state);
       else if (rows == 3)
-        token_block<three, block_experts>(xr, rows, t0, router, chunk, chunk_end, hidden, logits, ldl);
+        token_block<three, block_experts>(xr, rows, t0, router, chunk, chunk_end, hidden, logits, ldl, state);
       else if (rows == 2)
-        token_block<2, block_experts>(xr, rows, t0, router, chunk, chunk_end, hidden, logits, ldl);
+        token_block<2, block_experts>(xr, rows, t0, router, chunk, chunk_end, hidden, logits, ldl, state);
       else
-        token_block<1, lone_block_experts>(xr, rows, t0, router, chunk, chunk_end, hidden, logits, ldl);
+        token_block<1, lone_block_experts>(xr, rows, t0, router, chunk, chunk_end, hidden, logits, ldl, state);
     }
   }
 }
