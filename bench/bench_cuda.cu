@@ -1,11 +1,13 @@
 // Benchmarks of the CUDA backend at GroveMoE-Inst's shape (H = 2048, E = 128, k = 8, I = 768,
 // G = 64, Ia = 128, λ = 0.05), BF16 weights and activations, for T in {1, 64, 512, 4096}:
 //
-//   grove_layer          route + the unified kernel (each activated adjugate once per token)
-//   plain_moe            the same layer without adjugates: what the routed experts alone cost
-//   adjugates_per_pick   adjugates evaluated once per pick, as the released code does
-//   routing_only         the four routing launches alone
-//   dense_cublas         one cuBLAS BF16 GEMM (fp32 compute) with the layer's FLOPs per token
+//   grove_layer                the device path: device_router::route + cuda_runner::forward (the
+//                              unified kernel, each activated adjugate once per token), atomic combine
+//   grove_layer_deterministic  the same with the canonical, bit-reproducible combine (the runner's default)
+//   plain_moe                  the same layer without adjugates: what the routed experts alone cost
+//   adjugates_per_pick         adjugates evaluated once per pick, as the released code does
+//   routing_only               the four routing launches alone
+//   dense_cublas               one cuBLAS BF16 GEMM (fp32 compute) with the layer's FLOPs per token
 //
 // Times are GPU times between CUDA events around one layer call (manual time). Counters:
 // tokens/s and the layer's useful TFLOP/s (2·E·H + 6·H·(k·I + n_g·Ia) per token, n_g from the
@@ -102,25 +104,38 @@ void report(benchmark::State& state, int tokens, double flops) {
   state.counters["TFLOP_per_s"] = benchmark::Counter(flops * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-template <gc::adjugate_mode Mode>
+/// A runner on the setup's stream whose workspace fits `tokens`, and a router of the setup's layer.
+struct device_layer {
+  grove::cuda_runner runner;
+  gc::device_router<bf16> router;
+
+  device_layer(int tokens, gc::adjugate_mode mode, gc::combine_mode combine)
+      : runner(grove::cuda_runner_options{.max_tokens = tokens, .stream = setup::get().stream, .combine = combine}),
+        router(runner, setup::get().params.weights(), grove::routing_options{top_k, scale, mode}) {}
+
+  /// y = layer(x) on the device: route, then the experts; no host synchronisation.
+  void forward(const bf16* x, bf16* y, int tokens) {
+    runner.forward(setup::get().params.weights(), router.route(x, tokens), x, y);
+  }
+};
+
+template <gc::adjugate_mode Mode, gc::combine_mode Combine = gc::combine_mode::atomic>
 void layer_benchmark(benchmark::State& state) {
   if (skip_without_gpu(state)) return;
   const int tokens = static_cast<int>(state.range(0));
   setup& s = setup::get();
-  gc::layer_options o;
-  o.top_k = top_k;
-  o.scale = scale;
-  o.max_tokens = tokens;
-  o.adjugates = Mode;
-  gc::layer<bf16> layer(s.params.weights(), o);
-  time_on_device(state, s.stream, [&] { layer.forward(s.x.data(), s.y.data(), tokens, s.stream); });
-  const gc::host_plan plan = gc::download(layer.plan());
+  device_layer layer(tokens, Mode, Combine);
+  time_on_device(state, s.stream, [&] { layer.forward(s.x.data(), s.y.data(), tokens); });
+  const gc::host_plan plan = gc::download(layer.router.plan());
   const long long adjugate_rows = plan.offsets.back() - plan.offsets[static_cast<std::size_t>(dims.experts)];
   state.counters["adjugate_rows_per_token"] = static_cast<double>(adjugate_rows) / tokens;
   report(state, tokens, layer_flops(tokens, adjugate_rows));
 }
 
 void BM_grove_layer(benchmark::State& state) { layer_benchmark<gc::adjugate_mode::once_per_token>(state); }
+void BM_grove_layer_deterministic(benchmark::State& state) {
+  layer_benchmark<gc::adjugate_mode::once_per_token, gc::combine_mode::deterministic>(state);
+}
 void BM_plain_moe(benchmark::State& state) { layer_benchmark<gc::adjugate_mode::none>(state); }
 void BM_adjugates_per_pick(benchmark::State& state) { layer_benchmark<gc::adjugate_mode::once_per_pick>(state); }
 
@@ -128,12 +143,8 @@ void BM_routing_only(benchmark::State& state) {
   if (skip_without_gpu(state)) return;
   const int tokens = static_cast<int>(state.range(0));
   setup& s = setup::get();
-  gc::layer_options o;
-  o.top_k = top_k;
-  o.scale = scale;
-  o.max_tokens = tokens;
-  gc::layer<bf16> layer(s.params.weights(), o);
-  time_on_device(state, s.stream, [&] { layer.route(s.x.data(), tokens, s.stream); });
+  device_layer layer(tokens, gc::adjugate_mode::once_per_token, gc::combine_mode::atomic);
+  time_on_device(state, s.stream, [&] { layer.router.route(s.x.data(), tokens); });
   report(state, tokens, 2.0 * tokens * dims.experts * static_cast<double>(dims.hidden));
 }
 
@@ -178,6 +189,7 @@ void batch_sizes(benchmark::internal::Benchmark* b) {
 }
 
 BENCHMARK(BM_grove_layer)->Apply(batch_sizes);
+BENCHMARK(BM_grove_layer_deterministic)->Apply(batch_sizes);
 BENCHMARK(BM_plain_moe)->Apply(batch_sizes);
 BENCHMARK(BM_adjugates_per_pick)->Apply(batch_sizes);
 BENCHMARK(BM_routing_only)->Apply(batch_sizes);

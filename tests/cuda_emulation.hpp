@@ -475,6 +475,17 @@ inline cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;
 }
+inline cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidValue; }
+/// The fields of cudaDeviceProp grove reads.
+struct cudaDeviceProp {
+  char name[256];
+  int multiProcessorCount;
+};
+inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* properties, int) {
+  std::snprintf(properties->name, sizeof(properties->name), "%s", "CPU emulation");
+  properties->multiProcessorCount = 2;
+  return cudaSuccess;
+}
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
   *value = 2;  // two "SMs": persistent kernels get more than one block
   return cudaSuccess;
@@ -493,6 +504,28 @@ inline cudaError_t cudaMemcpy(void* dst, const void* src, std::size_t bytes, cud
   if (bytes) std::memcpy(dst, src, bytes);
   return cudaSuccess;
 }
+inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind, cudaStream_t) {
+  return cudaMemcpy(dst, src, bytes, kind);
+}
+inline cudaError_t cudaMemcpy2DAsync(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch,
+                                     std::size_t width, std::size_t height, cudaMemcpyKind, cudaStream_t) {
+  if (width > dst_pitch || width > src_pitch) return cudaErrorInvalidValue;
+  for (std::size_t r = 0; r < height; ++r)
+    if (width)
+      std::memcpy(static_cast<char*>(dst) + r * dst_pitch, static_cast<const char*>(src) + r * src_pitch, width);
+  return cudaSuccess;
+}
+/// Streams are ignored (every call is synchronous); a stream is a distinct non-null pointer.
+struct grove_emulated_stream {};
+inline cudaError_t cudaStreamCreate(cudaStream_t* stream) {
+  *stream = new grove_emulated_stream;
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+  delete stream;
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
 inline cudaError_t cudaMemsetAsync(void* p, int value, std::size_t bytes, cudaStream_t = nullptr) {
   if (bytes) std::memset(p, value, bytes);
   return cudaSuccess;

@@ -8,8 +8,9 @@
 //   input_grad      dx[token] += [dg | du] · [G; U] (waits for its row tile)
 //   weight_gate_up  ∂G += dgᵀ x, ∂U += duᵀ x over all rows of the MLP (waits for the MLP)
 //   weight_down     ∂D += (w·dy)ᵀ h over all rows of the MLP (waits for the MLP)
-// Then, per token, dw_s and the logit gradient (routing_backward_kernel), and the router's
-// two small GEMMs dx += dl W_r, ∂W_r += dlᵀ x.
+// Then dw_s per pick (pick_grad_kernel): the experts' part, what a runner's backward returns.
+// The router's part (cuda::device_router::backward) is the logit gradient (logit_grad_kernel)
+// and the router's two small GEMMs dx += dl W_r, ∂W_r += dlᵀ x.
 // Weight-gradient tiles own their output elements, so they add without atomics and are
 // deterministic; dx uses fp32 atomics or, deterministically, a per-row buffer.
 #pragma once
@@ -196,48 +197,60 @@ __global__ void __launch_bounds__(tile_threads) backward_experts_kernel(expert_a
   }
 }
 
-/// What the per-token routing backward reads.
-struct routing_backward_args {
+/// What pick_grad_kernel reads and writes.
+struct pick_grad_args {
   device_plan plan;
   const float* dw_partial = nullptr;
   int dw_stride = 0;
   int expert_tiles = 0;    ///< ceil(I / tile_n): partials per routed row
   int adjugate_tiles = 0;  ///< ceil(Ia / tile_n): partials per adjugate row
-  float* dl = nullptr;     ///< [T, E]
+  float* dw = nullptr;     ///< [T, k]
 };
 
-/// dw_s = ⟨dy, E_{e_s}(x)⟩ + λ⟨dy, A_{e_s / group_size}(x)⟩, then
-/// dl_{e_s} = w_s (dw_s − Σ_r w_r dw_r), dl_e = 0 elsewhere (docs/math.md, "Backward").
-/// A warp per token.
+/// dw_s = ⟨dy, E_{e_s}(x)⟩ + λ⟨dy, A_{e_s / group_size}(x)⟩ (docs/math.md, "Backward") from the
+/// per-row, per-tile partials, each row's summed in tile order; 0 for a pick without a row in the
+/// plan. A thread per (token, slot).
 template <class = void>
-__global__ void __launch_bounds__(routing_threads) routing_backward_kernel(routing_backward_args a) {
+__global__ void __launch_bounds__(routing_threads) pick_grad_kernel(pick_grad_args a) {
   const device_plan& p = a.plan;
-  const int lane = static_cast<int>(threadIdx.x) % 32;
-  const int t = static_cast<int>(blockIdx.x) * (routing_threads / 32) + static_cast<int>(threadIdx.x) / 32;
-  if (t >= p.tokens) return;
-  const int k = p.top_k;
-  const std::int64_t tk = static_cast<std::int64_t>(t) * k;
+  const std::int64_t pick = static_cast<std::int64_t>(blockIdx.x) * routing_threads + threadIdx.x;
+  if (pick >= static_cast<std::int64_t>(p.tokens) * p.top_k) return;
+  const std::int64_t tk = pick - pick % p.top_k;
   auto row_sum = [&](int row, int tiles) {
     float sum = 0.0f;
     for (int i = 0; i < tiles; ++i) sum += a.dw_partial[static_cast<std::int64_t>(row) * a.dw_stride + i];
     return sum;
   };
-  float dw = 0.0f, w = 0.0f;
-  int id = 0;
+  const int own = p.row_of_pick[pick];
+  float dw = own >= 0 ? row_sum(own, a.expert_tiles) : 0.0f;
+  const int slot = p.pick_group_slot[pick];
+  const int adjugate = slot >= 0 ? p.row_of_group[tk + slot] : -1;
+  if (own >= 0 && adjugate >= 0) dw += p.scale * row_sum(adjugate, a.adjugate_tiles);
+  a.dw[pick] = dw;
+}
+
+/// dl_{e_s} = w_s (dw_s − Σ_r w_r dw_r), dl_e = 0 elsewhere (docs/math.md, "Backward"): the
+/// gradient of the router logits. A warp per token.
+template <class = void>
+__global__ void __launch_bounds__(routing_threads) logit_grad_kernel(device_plan p, const float* dw, float* dl) {
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int t = static_cast<int>(blockIdx.x) * (routing_threads / 32) + static_cast<int>(threadIdx.x) / 32;
+  if (t >= p.tokens) return;
+  const int k = p.top_k;
+  const std::int64_t tk = static_cast<std::int64_t>(t) * k;
+  float mine = 0.0f, w = 0.0f;
+  int id = -1;
   if (lane < k) {
     id = p.topk_ids[tk + lane];
     w = p.topk_weights[tk + lane];
-    dw = row_sum(p.row_of_pick[tk + lane], a.expert_tiles);
-    const int slot = p.pick_group_slot[tk + lane];
-    const int row = slot >= 0 ? p.row_of_group[tk + slot] : -1;
-    if (row >= 0) dw += p.scale * row_sum(row, a.adjugate_tiles);
+    mine = dw[tk + lane];
   }
   float mean = 0.0f;
-  for (int s = 0; s < k; ++s) mean += __shfl_sync(0xffffffffu, w * dw, s);
-  float* dl = a.dl + static_cast<std::int64_t>(t) * p.experts;
-  for (int e = lane; e < p.experts; e += 32) dl[e] = 0.0f;
+  for (int s = 0; s < k; ++s) mean += __shfl_sync(0xffffffffu, w * mine, s);
+  float* out = dl + static_cast<std::int64_t>(t) * p.experts;
+  for (int e = lane; e < p.experts; e += 32) out[e] = 0.0f;
   __syncwarp();
-  if (lane < k) dl[id] = w * (dw - mean);
+  if (lane < k && id >= 0) out[id] = w * (mine - mean);
 }
 
 /// Router input gradient: dx[t, h] += Σ_e dl[t, e] W_r[e, h]. Tiles own their outputs.

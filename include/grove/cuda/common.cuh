@@ -100,6 +100,28 @@ __device__ inline T* dynamic_shared() {
 #define GROVE_UNROLL _Pragma("unroll")
 #endif
 
+namespace detail {
+/// Makes `device` current for a scope and restores the caller's device after it: a runner's
+/// calls run on its device whichever device the calling thread has selected.
+class device_scope {
+ public:
+  explicit device_scope(int device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+    changed_ = previous_ != device;
+  }
+  ~device_scope() {
+    if (changed_) (void)cudaSetDevice(previous_);
+  }
+  device_scope(const device_scope&) = delete;
+  device_scope& operator=(const device_scope&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool changed_ = false;
+};
+}  // namespace detail
+
 /// Number of CUDA devices usable by this process; 0 when there is no GPU or no driver (the
 /// tests use it to skip themselves). Never throws.
 inline int device_count() {
@@ -142,6 +164,14 @@ class device_buffer {
     size_ = count;
   }
 
+  /// Makes room for `count` elements: allocates (uninitialised, contents dropped) only when the
+  /// buffer is smaller. Returns true when it allocated; a workspace counts these.
+  bool reserve(std::size_t count) {
+    if (count <= size_) return false;
+    allocate(count);
+    return true;
+  }
+
   [[nodiscard]] T* data() const { return data_; }
   [[nodiscard]] std::size_t size() const { return size_; }
   [[nodiscard]] bool empty() const { return size_ == 0; }
@@ -157,6 +187,15 @@ class device_buffer {
       detail::check(cudaMemcpy(data_, host, count * sizeof(T), cudaMemcpyHostToDevice), "cudaMemcpy to device");
   }
   void upload(const std::vector<T>& host) { upload(host.data(), host.size()); }
+  /// Copies `count` elements from host memory, ordered on `stream`. From pageable memory the
+  /// call returns once the data is staged, so `host` may change afterwards.
+  void upload_async(const T* host, std::size_t count, cudaStream_t stream) {
+    detail::require_size(count, size_);
+    if (count)
+      detail::check(cudaMemcpyAsync(data_, host, count * sizeof(T), cudaMemcpyHostToDevice, stream),
+                    "cudaMemcpyAsync to device");
+  }
+  void upload_async(const std::vector<T>& host, cudaStream_t stream) { upload_async(host.data(), host.size(), stream); }
   /// Copies the whole buffer to the host (waits for all preceding work on the device).
   [[nodiscard]] std::vector<T> download() const { return download(size_); }
   [[nodiscard]] std::vector<T> download(std::size_t count) const {

@@ -53,6 +53,17 @@ __device__ inline float hashed_normal(std::uint64_t seed, std::uint64_t i) {
   return sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
 }
 
+/// Where MLP m's block (gate [N_m, H], up [N_m, H], down [H, N_m], in this order) starts in a
+/// flat buffer in checkpoint order: after the router [E, H] and every earlier MLP's block. The
+/// one definition of that layout on the device side (device_parameters, the runner's gradients).
+inline std::size_t flat_mlp_offset(const layer_dims& d, index m) {
+  const index experts_before = m < d.experts ? m : d.experts;
+  const index adjugates_before = m < d.experts ? 0 : m - d.experts;
+  return static_cast<std::size_t>(d.experts * d.hidden + 3 * d.hidden *
+                                                             (experts_before * d.expert_intermediate +
+                                                              adjugates_before * d.adjugate_intermediate));
+}
+
 template <class S>
 __global__ void fill_normal_kernel(S* values, std::int64_t count, std::uint64_t seed, float stddev) {
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < count;
@@ -84,26 +95,36 @@ class device_parameters {
   }
 
   /// Copies host weights (a grove::weights_view of float, double or bf16) to the device, rounding
-  /// to S. It walks the core's tensor list (layer_weights::for_each_tensor), the order the flat
-  /// buffer and every checkpoint use; a missing tensor is named, a missing bias uploads as zeros.
+  /// to S: device_parameters(host.dims()), then assign(host).
   template <class T>
   static device_parameters upload(const layer_weights<const T>& host) {
     device_parameters p(host.dims());
-    std::vector<S> staging(p.values_.size());
-    std::vector<float> bias;
+    p.assign(host);
+    return p;
+  }
+
+  /// Copies host weights of this object's dims into its device memory (synchronous), keeping the
+  /// device pointers: views handed out before (weights(), a device_router) see the new values.
+  /// It walks the core's tensor list (layer_weights::for_each_tensor), the order the flat buffer
+  /// and every checkpoint use; a missing tensor is named, a missing bias uploads as zeros.
+  template <class T>
+  void assign(const layer_weights<const T>& host) {
+    detail::require(host.dims() == dims_, "grove::cuda: device_parameters::assign: the host weights have other "
+                                          "dimensions (H, E, G, I, Ia) than the device copy");
+    std::vector<S> staging(values_.size());
+    std::vector<float> bias(static_cast<std::size_t>(dims_.experts), 0.0f);
     std::size_t at = 0;
     host.for_each_tensor([&](const tensor_info& info, const T* const& src) {
       if (info.role == tensor_role::selection_bias) {
         if (src != nullptr)
-          for (index e = 0; e < info.rows; ++e) bias.push_back(static_cast<float>(src[e]));
+          for (index e = 0; e < info.rows; ++e) bias[static_cast<std::size_t>(e)] = static_cast<float>(src[e]);
         return;
       }
       if (src == nullptr) throw error("grove::cuda: missing tensor '" + info.name + "' in the weights to upload");
       for (index i = 0; i < info.size(); ++i) staging[at++] = detail::from_float<S>(static_cast<float>(src[i]));
     });
-    p.values_.upload(staging);
-    if (!bias.empty()) p.bias_.upload(bias);
-    return p;
+    values_.upload(staging);
+    bias_.upload(bias);
   }
 
   [[nodiscard]] const layer_dims& dims() const { return dims_; }
@@ -159,16 +180,14 @@ class device_parameters {
     const layer_dims& d = dims_;
     const std::size_t m = static_cast<std::size_t>(dims_.mlps());
     std::vector<S*> table(3 * m);
-    S* cursor = values_.data() + d.experts * d.hidden;
-    auto place = [&](std::size_t mlp, index inter) {
-      const index block = inter * d.hidden;
-      table[mlp] = cursor;
-      table[m + mlp] = cursor + block;
-      table[2 * m + mlp] = cursor + 2 * block;
-      cursor += 3 * block;
-    };
-    for (index e = 0; e < d.experts; ++e) place(static_cast<std::size_t>(e), d.expert_intermediate);
-    for (index j = 0; j < d.groups; ++j) place(static_cast<std::size_t>(d.experts + j), d.adjugate_intermediate);
+    for (index mlp = 0; mlp < d.mlps(); ++mlp) {
+      S* block = values_.data() + detail::flat_mlp_offset(d, mlp);
+      const index tensor = d.intermediate(mlp) * d.hidden;
+      const auto i = static_cast<std::size_t>(mlp);
+      table[i] = block;
+      table[m + i] = block + tensor;
+      table[2 * m + i] = block + 2 * tensor;
+    }
     tables_.allocate(table.size());
     tables_.upload(table);
   }

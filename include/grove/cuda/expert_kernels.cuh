@@ -7,7 +7,8 @@
 // 64 intermediate columns and publishes it; a down tile waits until every gate/up tile of its
 // 64 rows is published, computes 64 rows × 64 hidden columns of D h and adds them, times the
 // row's weight (w_s, or λ·c_j for an adjugate), to y — with fp32 atomics, or, in the
-// deterministic mode, into a per-row buffer that combine_kernel sums in a fixed order.
+// deterministic mode, into a per-row buffer that combine_kernel sums per token in the canonical
+// order of plan/combine.hpp (or group_partials_kernel writes per (token, group)).
 #pragma once
 
 #include <cstdint>
@@ -28,11 +29,9 @@ struct expert_args {
   device_weights<T> w;
   const T* x = nullptr;   ///< [T, H]
   const T* dy = nullptr;  ///< [T, H], backward only
-  int tokens = 0;
-  int top_k = 0;
-  const int* schedule = nullptr;  ///< schedule_arrays base (offsets first)
+  const int* schedule = nullptr;  ///< schedule_arrays base (offsets first): the plan's offsets
   const dispatch_row* rows = nullptr;
-  T* act = nullptr;             ///< h per row: routed rows (first T·k) of width I, then adjugate rows of width Ia
+  T* act = nullptr;             ///< h per row: routed rows (first offsets[E]) of width I, then adjugate rows of width Ia
   T* act_grad = nullptr;        ///< [dg | du] per row, widths 2I / 2Ia (backward)
   float* dw_partial = nullptr;  ///< [rows, dw_stride]: ⟨Dᵀdy, h⟩ per row and intermediate tile (backward)
   int dw_stride = 0;
@@ -47,10 +46,11 @@ struct expert_args {
     return schedule_arrays<const int>::at(schedule, static_cast<int>(w.shape.mlps()));
   }
   /// Start of MLP m's first row (dispatch position `first`) in a per-row buffer whose rows are
-  /// `factor`·N_m wide.
+  /// `factor`·N_m wide. The routed rows come first; offsets[E] counts them (T·k for a plan routed
+  /// on the device, fewer for a host plan with holes or restricted to some groups).
   template <class U>
   __device__ U* region(U* base, int m, int first, int factor) const {
-    const std::int64_t routed = static_cast<std::int64_t>(tokens) * top_k;
+    const std::int64_t routed = schedule[w.shape.experts];
     const std::int64_t wide = static_cast<std::int64_t>(factor) * w.shape.expert_intermediate;
     if (m < w.shape.experts) return base + first * wide;
     return base + routed * wide + (first - routed) * factor * w.shape.adjugate_intermediate;
@@ -154,24 +154,99 @@ __global__ void __launch_bounds__(tile_threads) forward_experts_kernel(expert_ar
   }
 }
 
-/// Deterministic combine: out[t] (+)= Σ_s rows[row_of_pick[t,s]] + Σ_g rows[row_of_group[t,g]],
-/// picks in slot order, then adjugate rows in group-slot order.
+/// The canonical order of a token's terms (plan/combine.hpp; docs/routing.md, "The canonical
+/// sum"): the token's picks that have a row in this plan, by ascending expert id, so that groups
+/// ascend and each group's experts ascend within it. Writes their slots to `order` and returns
+/// how many there are. At most k <= 32 entries: an insertion sort, run by one thread of a block.
+__device__ inline int canonical_slots(const device_plan& p, int t, int* order) {
+  const std::int64_t tk = static_cast<std::int64_t>(t) * p.top_k;
+  int count = 0;
+  for (int s = 0; s < p.top_k; ++s) {
+    if (p.row_of_pick[tk + s] < 0) continue;  // a hole, or a pick of a group the plan does not hold
+    const std::int32_t expert = p.topk_ids[tk + s];
+    int at = count++;
+    for (; at > 0 && p.topk_ids[tk + order[at - 1]] > expert; --at) order[at] = order[at - 1];
+    order[at] = s;
+  }
+  return count;
+}
+
+/// One past the last entry of `order` (of `count`) in the group of order[begin].
+__device__ inline int group_end(const device_plan& p, int t, const int* order, int count, int begin) {
+  const std::int64_t tk = static_cast<std::int64_t>(t) * p.top_k;
+  const int group = p.topk_ids[tk + order[begin]] / p.group_size;
+  int end = begin + 1;
+  while (end < count && p.topk_ids[tk + order[end]] / p.group_size == group) ++end;
+  return end;
+}
+
+/// p(t, g), column h: from +0, the per-row terms of the group's picks order[begin, end) in that
+/// order, each followed by its own adjugate term in once_per_pick mode, then the group's adjugate
+/// term in once_per_token mode. `values` holds one weighted term per dispatch row ([rows, H]).
+__device__ inline float group_partial(const device_plan& p, const float* values, int hidden, int h, int t,
+                                      const int* order, int begin, int end) {
+  const std::int64_t tk = static_cast<std::int64_t>(t) * p.top_k;
+  auto term = [&](int row) { return values[static_cast<std::int64_t>(row) * hidden + h]; };
+  float sum = 0.0f;
+  for (int i = begin; i < end; ++i) {
+    const int s = order[i];
+    sum += term(p.row_of_pick[tk + s]);
+    if (p.adjugates == adjugate_mode::once_per_pick && p.row_of_group[tk + s] >= 0) sum += term(p.row_of_group[tk + s]);
+  }
+  if (p.adjugates == adjugate_mode::once_per_token) {
+    const int slot = p.pick_group_slot[tk + order[begin]];
+    const int row = slot >= 0 ? p.row_of_group[tk + slot] : -1;
+    if (row >= 0) sum += term(row);
+  }
+  return sum;
+}
+
+/// Deterministic combine, a block per (token, 256 columns): out[t] = (…((init + p(t, g1)) +
+/// p(t, g2)) + …) over the token's groups ascending, init = 0 (y) or out[t] itself (dx:
+/// `accumulate`), the canonical order of plan/combine.hpp.
 template <class Out>
-__global__ void combine_kernel(const float* row_values, const std::int32_t* row_of_pick,
-                               const std::int32_t* row_of_group, int tokens, int top_k, int hidden, Out* out,
-                               bool accumulate) {
+__global__ void combine_kernel(device_plan p, const float* values, int hidden, Out* out, bool accumulate) {
+  __shared__ int order[max_top_k];
+  __shared__ int count;
   const int t = static_cast<int>(blockIdx.x);
+  if (threadIdx.x == 0) count = canonical_slots(p, t, order);
+  __syncthreads();
   const int h = static_cast<int>(blockIdx.y * blockDim.x + threadIdx.x);
-  if (t >= tokens || h >= hidden) return;
+  if (h >= hidden) return;
   const std::int64_t at = static_cast<std::int64_t>(t) * hidden + h;
   float sum = accumulate ? to_float(out[at]) : 0.0f;
-  const std::int64_t tk = static_cast<std::int64_t>(t) * top_k;
-  for (int s = 0; s < top_k; ++s) sum += row_values[static_cast<std::int64_t>(row_of_pick[tk + s]) * hidden + h];
-  for (int s = 0; s < top_k; ++s) {
-    const int r = row_of_group[tk + s];
-    if (r >= 0) sum += row_values[static_cast<std::int64_t>(r) * hidden + h];
+  for (int begin = 0; begin < count;) {
+    const int end = group_end(p, t, order, count, begin);
+    sum = sum + group_partial(p, values, hidden, h, t, order, begin, end);
+    begin = end;
   }
   out[at] = from_float<Out>(sum);
+}
+
+/// The group partials (runner::forward_partials), a block per (group row, 256 columns): row r of
+/// `out` is p(t, g) of group row r, (t, group slot) = (group_rows[r].token, .slot), summed as
+/// combine_kernel sums it, so that combine_partials of these rows gives combine_kernel's y.
+template <class = void>
+__global__ void group_partials_kernel(device_plan p, const float* values, const dispatch_row* group_rows, int hidden,
+                                      float* out) {
+  __shared__ int order[max_top_k];
+  __shared__ int range[2];
+  const int r = static_cast<int>(blockIdx.x);
+  const int t = group_rows[r].token;
+  if (threadIdx.x == 0) {
+    const int count = canonical_slots(p, t, order);
+    const int group = p.token_groups[static_cast<std::int64_t>(t) * p.max_groups + group_rows[r].slot];
+    const std::int64_t tk = static_cast<std::int64_t>(t) * p.top_k;
+    int begin = 0;
+    while (begin < count && p.topk_ids[tk + order[begin]] / p.group_size != group) ++begin;
+    range[0] = begin;
+    range[1] = begin < count ? group_end(p, t, order, count, begin) : begin;
+  }
+  __syncthreads();
+  const int h = static_cast<int>(blockIdx.y * blockDim.x + threadIdx.x);
+  if (h >= hidden) return;
+  out[static_cast<std::int64_t>(r) * hidden + h] =
+      range[0] < range[1] ? group_partial(p, values, hidden, h, t, order, range[0], range[1]) : 0.0f;
 }
 
 template <class T>

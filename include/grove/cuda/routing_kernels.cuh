@@ -23,7 +23,8 @@ GROVE_BEGIN_NAMESPACE
 namespace cuda {
 namespace detail {
 
-/// Everything the routing kernels read and write (device pointers into a layer's workspace).
+/// Everything the routing kernels read and write (device pointers into a device_router's plan
+/// storage and scratch, and its runner's error flag).
 struct routing_args {
   layer_dims shape;
   int tokens = 0;

@@ -237,7 +237,8 @@ __host__ __device__ inline work_item backward_item(int q, const schedule_arrays<
   return work_item{};
 }
 
-/// Upper bounds used to preallocate from the largest batch (no host synchronisation in a layer call).
+/// Upper bounds used to preallocate from the largest batch: a device-routed plan's row counts
+/// stay on the device, so the host sizes every buffer from max_tokens, never from a batch.
 struct capacity {
   int tokens = 0;
   int rows = 0;       ///< T·k expert rows + T·k adjugate rows (once per pick is the worst case)

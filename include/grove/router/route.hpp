@@ -13,16 +13,10 @@
 #include "grove/plan/build_dispatch.hpp"
 #include "grove/plan/routing_plan.hpp"
 #include "grove/router/logits.hpp"
+#include "grove/router/routing_options.hpp"
 #include "grove/router/top_k.hpp"
 
 GROVE_BEGIN_NAMESPACE
-
-/// What routing needs beyond the weights: k and λ (a layer_config provides both).
-struct routing_options {
-  index top_k = 0;
-  double scale = 0.0;
-  adjugate_mode adjugates = adjugate_mode::once_per_token;  ///< recorded in the plan
-};
 
 /// Routing sizes known at compile time: k and the group size E / G, each `dynamic` where not.
 /// A layer whose configuration fixes them routes with them (layer::route_into): the per-token
