@@ -25,9 +25,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -486,8 +488,9 @@ backward_result run_backward(grove::cpu_runner& engine, const prepared& p, const
 
 /// Largest |a - b| of each tensor (after subtracting `start` from a) over the tensor's largest
 /// |b|, with its name.
-std::pair<double, std::string> worst_tensor(const grove::layer_parameters<float>& a,
-                                            const grove::layer_parameters<float>& start,
+template <class S>
+std::pair<double, std::string> worst_tensor(const grove::layer_parameters<S>& a,
+                                            const grove::layer_parameters<S>& start,
                                             const grove::layer_parameters<double>& b) {
   std::pair<double, std::string> worst{0.0, ""};
   std::size_t at = 0;
@@ -503,7 +506,9 @@ std::pair<double, std::string> worst_tensor(const grove::layer_parameters<float>
   return worst;
 }
 
-double worst_relative(const row_matrix<float>& a, const row_matrix<float>* start, const std::vector<double>& b) {
+template <class S>
+double worst_relative(const row_matrix<S>& a, const row_matrix<std::type_identity_t<S>>* start,
+                      const std::vector<double>& b) {
   double scale = 1e-30, diff = 0;
   for (std::size_t i = 0; i < b.size(); ++i) {
     scale = std::max(scale, std::abs(b[i]));
@@ -512,13 +517,23 @@ double worst_relative(const row_matrix<float>& a, const row_matrix<float>* start
   return diff / scale;
 }
 
+/// The same values in double (exact), to compare two float results with worst_tensor.
+grove::layer_parameters<double> widened(const grove::layer_parameters<float>& p) {
+  grove::layer_parameters<double> out(p.view().dims());
+  for (std::size_t i = 0; i < p.values().size(); ++i) out.values()[i] = p.values()[i];
+  return out;
+}
+std::vector<double> widened(const row_matrix<float>& m) { return {m.data(), m.data() + m.size()}; }
 
 }  // namespace
 
 TEST_CASE("fast_cpu: backward matches the reference on every shape and level, and adds to its buffers") {
+  // The reference runs each picked group's adjugate once per token. Evaluating it once per pick
+  // instead (weight λ·w_s for each pick) is the same function in exact arithmetic, so once per
+  // pick must meet the same reference: its per-pick gradients, dx terms and dots add up to it.
   std::uint64_t seed = 200;
   for (const layer_case& c : cases) {
-    const prepared p = prepare(c, seed++);
+    prepared p = prepare(c, seed++);
     row_matrix<float> dy(c.tokens, c.dims.hidden);
     grove::detail::normal_generator gen(seed + 1000);
     for (Index i = 0; i < dy.size(); ++i) dy.data()[i] = static_cast<float>(gen.normal());
@@ -527,54 +542,67 @@ TEST_CASE("fast_cpu: backward matches the reference on every shape and level, an
     const auto start_grads = grove::layer_parameters<float>::random(c.dims, seed + 2000, 0.5);
     row_matrix<float> start_dx(c.tokens, c.dims.hidden);
     for (Index i = 0; i < start_dx.size(); ++i) start_dx.data()[i] = static_cast<float>(gen.normal());
-    for (isa level : levels()) {
-      CAPTURE(c.name);
-      CAPTURE(grove::simd::isa_name(level));
-      auto engine = make_engine(level, 2);
-      const backward_result r = run_backward(engine, p, dy, nullptr, start_grads, start_dx);
-      const std::pair<double, std::string> tensor = worst_tensor(r.grads, start_grads, ref.weights);
-      const double worst = tensor.first;
-      const std::string name = tensor.second;
-      CAPTURE(name);
-      CHECK(worst < 2e-5);
-      CHECK(worst_relative(r.dx, &start_dx, ref.dx) < 2e-5);
-      CHECK(worst_relative(r.dw, nullptr, ref.dw) < 2e-5);
-      // The router and the bias are not touched here.
-      CHECK(std::memcmp(r.grads.view().router().data(), start_grads.view().router().data(),
-                        sizeof(float) * static_cast<std::size_t>(c.dims.experts * c.dims.hidden)) == 0);
+    for (const auto mode : {grove::adjugate_mode::once_per_token, grove::adjugate_mode::once_per_pick}) {
+      p.plan.adjugates = mode;
+      for (isa level : levels()) {
+        CAPTURE(c.name);
+        CAPTURE(static_cast<int>(mode));
+        CAPTURE(grove::simd::isa_name(level));
+        auto engine = make_engine(level, 2);
+        const backward_result r = run_backward(engine, p, dy, nullptr, start_grads, start_dx);
+        const std::pair<double, std::string> tensor = worst_tensor(r.grads, start_grads, ref.weights);
+        const double worst = tensor.first;
+        const std::string name = tensor.second;
+        CAPTURE(name);
+        CHECK(worst < 2e-5);
+        CHECK(worst_relative(r.dx, &start_dx, ref.dx) < 2e-5);
+        CHECK(worst_relative(r.dw, nullptr, ref.dw) < 2e-5);
+        // The router and the bias are not touched here.
+        CHECK(std::memcmp(r.grads.view().router().data(), start_grads.view().router().data(),
+                          sizeof(float) * static_cast<std::size_t>(c.dims.experts * c.dims.hidden)) == 0);
+      }
     }
   }
 }
 
 TEST_CASE("fast_cpu: backward is bitwise identical for 1 to 4 threads, repeated runs, saved or recomputed g and u") {
   const layer_case c{"determinism", {72, 8, 4, 40, 24}, 3, 90};
-  const prepared p = prepare(c, 8);
+  prepared p = prepare(c, 8);
   row_matrix<float> dy(c.tokens, c.dims.hidden);
   grove::detail::normal_generator gen(81);
   for (Index i = 0; i < dy.size(); ++i) dy.data()[i] = static_cast<float>(gen.normal());
   const grove::layer_parameters<float> zero(c.dims);
   const row_matrix<float> zero_dx = row_matrix<float>::Zero(c.tokens, c.dims.hidden);
-  for (isa level : levels()) {
-    CAPTURE(grove::simd::isa_name(level));
-    auto one = make_engine(level, 1);
-    const backward_result first = run_backward(one, p, dy, nullptr, zero, zero_dx);
-    // The saving forward gives the forward's y, and backward from what it saved the same bits.
-    grove::saved_activations<float> saved;
-    row_matrix<float> y_saving(c.tokens, c.dims.hidden), y(c.tokens, c.dims.hidden);
-    one.forward_saving(p.params.view(), p.plan, p.x, y_saving, saved);
-    one.forward(p.params.view(), p.plan, p.x, y);
-    CHECK(same_bits(y_saving, y));
-    CHECK(saved.bytes() == 2 * sizeof(float) *
-                               static_cast<std::size_t>(c.tokens * c.top_k * c.dims.expert_intermediate +
-                                                        p.plan.adjugate_evaluations() * c.dims.adjugate_intermediate));
-    for (int threads = 1; threads <= 4; ++threads) {
-      CAPTURE(threads);
-      auto engine = make_engine(level, threads);
-      for (int run = 0; run < 2; ++run) {
-        const backward_result r = run_backward(engine, p, dy, run == 0 ? nullptr : &saved, zero, zero_dx);
-        CHECK(same_bits(r.grads.values(), first.grads.values()));
-        CHECK(same_bits(r.dx, first.dx));
-        CHECK(same_bits(r.dw, first.dw));
+  // Once per pick, several items (one per picked expert of a group) add into one adjugate's
+  // gradient: one tile runs them in item order, whatever the thread count.
+  for (const auto mode : {grove::adjugate_mode::once_per_token, grove::adjugate_mode::once_per_pick}) {
+    p.plan.adjugates = mode;
+    for (isa level : levels()) {
+      CAPTURE(static_cast<int>(mode));
+      CAPTURE(grove::simd::isa_name(level));
+      auto one = make_engine(level, 1);
+      const backward_result first = run_backward(one, p, dy, nullptr, zero, zero_dx);
+      // The saving forward gives the forward's y, and backward from what it saved the same bits.
+      grove::saved_activations<float> saved;
+      row_matrix<float> y_saving(c.tokens, c.dims.hidden), y(c.tokens, c.dims.hidden);
+      one.forward_saving(p.params.view(), p.plan, p.x, y_saving, saved);
+      one.forward(p.params.view(), p.plan, p.x, y);
+      CHECK(same_bits(y_saving, y));
+      // g and u of every row of h: expert rows, group rows and, once per pick, one row per pick.
+      const Index pick_rows = mode == grove::adjugate_mode::once_per_pick ? c.tokens * c.top_k : 0;
+      CHECK(saved.bytes() == 2 * sizeof(float) *
+                                 static_cast<std::size_t>(c.tokens * c.top_k * c.dims.expert_intermediate +
+                                                          (p.plan.adjugate_evaluations() + pick_rows) *
+                                                              c.dims.adjugate_intermediate));
+      for (int threads = 1; threads <= 4; ++threads) {
+        CAPTURE(threads);
+        auto engine = make_engine(level, threads);
+        for (int run = 0; run < 2; ++run) {
+          const backward_result r = run_backward(engine, p, dy, run == 0 ? nullptr : &saved, zero, zero_dx);
+          CHECK(same_bits(r.grads.values(), first.grads.values()));
+          CHECK(same_bits(r.dx, first.dx));
+          CHECK(same_bits(r.dw, first.dw));
+        }
       }
     }
   }
@@ -979,19 +1007,9 @@ TEST_CASE("fast_cpu: the adjugate modes once per token, once per pick and none, 
       CHECK((a - b).cwiseAbs().maxCoeff() <= 1e-5f * (1.0f + a.cwiseAbs().maxCoeff()));
     }
   }
-  // Once per pick has no backward yet, and says so.
   const prepared p = prepare(cases[0], 42);
-  auto plan = p.plan;
-  plan.adjugates = grove::adjugate_mode::once_per_pick;
   auto engine = make_engine(grove::simd::best_isa(), 2);
-  grove::layer_parameters<float> grads(cases[0].dims);
-  row_matrix<float> dx = row_matrix<float>::Zero(p.x.rows(), p.x.cols()), dw;
-  CHECK_THROWS_WITH_AS(engine.backward(p.params.view(), plan, p.x, p.x, nullptr, grads.span(), dx, dw),
-                       doctest::Contains("once_per_pick is forward only"), grove::error);
-  grove::saved_activations<float> saved;
   row_matrix<float> y(p.x.rows(), p.x.cols());
-  CHECK_THROWS_WITH_AS(engine.forward_saving(p.params.view(), plan, p.x, y, saved),
-                       doctest::Contains("once_per_pick"), grove::error);
   // Partials of the wrong shape, and a plan whose picks have no group rows, are named.
   row_matrix<float> wrong(p.plan.group_row_count() + 1, p.x.cols());
   CHECK_THROWS_WITH_AS(engine.forward_partials(p.params.view(), p.plan, p.x, wrong),
@@ -1030,4 +1048,160 @@ TEST_CASE("fast_cpu: backward with the adjugates left out matches the plain per-
   CHECK((dw_fast - dw_simple).cwiseAbs().maxCoeff() <= 1e-5f * (1.0f + dw_simple.cwiseAbs().maxCoeff()));
   // No adjugate gradient at all.
   for (Index j = 0; j < c.dims.groups; ++j) CHECK(fast.span().adjugate(j).down.cwiseAbs().maxCoeff() == 0.0f);
+}
+
+TEST_CASE("fast_cpu: once per pick, the fused backward agrees with backward_experts_simple and with once per token") {
+  // Once per pick evaluates a group's adjugate for each pick with weight λ·w_s where once per
+  // token evaluates it once with λ·c_g (c_g = Σ w_s): the same y, gradients, dx and dw in exact
+  // arithmetic, so the two modes agree up to rounding.
+  for (const layer_case& c : {cases[0], cases[1], cases[4], cases[7], cases[8]}) {
+    CAPTURE(c.name);
+    prepared p = prepare(c, 45);
+    const row_matrix<float> dy = grove_test::random_matrix<float>(c.tokens, c.dims.hidden, 46);
+    const grove::layer_parameters<float> zero(c.dims);
+    const row_matrix<float> zero_dx = row_matrix<float>::Zero(c.tokens, c.dims.hidden);
+    auto engine = make_engine(grove::simd::best_isa(), 2);
+    p.plan.adjugates = grove::adjugate_mode::once_per_token;
+    const backward_result per_token = run_backward(engine, p, dy, nullptr, zero, zero_dx);
+    row_matrix<float> y_token(c.tokens, c.dims.hidden);
+    engine.forward(p.params.view(), p.plan, p.x, y_token);
+
+    p.plan.adjugates = grove::adjugate_mode::once_per_pick;
+    const backward_result fused = run_backward(engine, p, dy, nullptr, zero, zero_dx);
+    row_matrix<float> y_pick(c.tokens, c.dims.hidden);
+    engine.forward(p.params.view(), p.plan, p.x, y_pick);
+    // The plain backward, recomputing and from the plain training forward's saved g and u.
+    backward_result simple{zero, zero_dx, {}}, simple_saved{zero, zero_dx, {}};
+    grove::cpu::backward_experts_simple<float>(p.params.view(), p.plan, p.x, dy, nullptr, simple.grads.span(),
+                                               simple.dx, simple.dw);
+    grove::saved_activations<float> saved;
+    row_matrix<float> y_simple(c.tokens, c.dims.hidden);
+    grove::cpu::forward_experts_saving_simple<float>(p.params.view(), p.plan, p.x, y_simple, saved);
+    CHECK(saved.matches(p.plan, c.dims));
+    grove::cpu::backward_experts_simple<float>(p.params.view(), p.plan, p.x, dy, &saved, simple_saved.grads.span(),
+                                               simple_saved.dx, simple_saved.dw);
+    CHECK(same_bits(simple_saved.grads.values(), simple.grads.values()));
+    CHECK(same_bits(simple_saved.dx, simple.dx));
+    CHECK(same_bits(simple_saved.dw, simple.dw));
+    if (c.tokens == 0) continue;
+
+    for (const backward_result* other : std::initializer_list<const backward_result*>{&simple, &per_token}) {
+      CAPTURE(other == &simple ? "fused vs simple" : "once per pick vs once per token");
+      const std::pair<double, std::string> tensor = worst_tensor(fused.grads, zero, widened(other->grads));
+      CAPTURE(tensor.second);
+      CHECK(tensor.first < 1e-5);
+      CHECK(worst_relative(fused.dx, nullptr, widened(other->dx)) < 1e-5);
+      CHECK(worst_relative(fused.dw, nullptr, widened(other->dw)) < 1e-5);
+    }
+    CHECK(worst_relative(y_pick, nullptr, widened(y_token)) < 1e-5);
+    CHECK(worst_relative(y_simple, nullptr, widened(y_pick)) < 1e-5);
+    // Every adjugate that a pick reached has a gradient.
+    for (Index j = 0; j < c.dims.groups; ++j)
+      if (!p.plan.rows_of_adjugate(j).empty()) CHECK(fused.grads.view().adjugate(j).down.cwiseAbs().maxCoeff() > 0.0f);
+  }
+}
+
+TEST_CASE("fast_cpu: once per pick, the fused backward matches central differences of the fp64 forward") {
+  // A small layer, every weight entry, every x entry and every routing weight: the fp32 fused
+  // backward and the fp64 runner's backward against central differences of L = ⟨dy, y⟩, y the
+  // fp64 runner's once-per-pick forward of the same plan (picks fixed, routing weights inputs).
+  const layer_dims dims{10, 6, 3, 5, 4};
+  const Index T = 7, k = 3;
+  const auto params = grove::layer_parameters<float>::random(dims, 61, 0.4);
+  const row_matrix<float> x = grove_test::random_matrix<float>(T, dims.hidden, 62);
+  const row_matrix<float> dy = grove_test::random_matrix<float>(T, dims.hidden, 63);
+  grove::routing_options options{k, 0.5};
+  options.adjugates = grove::adjugate_mode::once_per_pick;
+  const auto plan = grove::route(params.view(), options, x);
+  // Some token picks two experts of one group: two per-pick terms share an adjugate.
+  REQUIRE(plan.adjugate_evaluations() < T * k);
+
+  // The same layer, batch and plan in double (all widened exactly).
+  grove::layer_parameters<double> pd = widened(params);
+  std::vector<grove::routed_row<double>> picks;
+  for (Index t = 0; t < T; ++t)
+    for (Index s = 0; s < k; ++s)
+      picks.push_back({static_cast<std::int32_t>(t), static_cast<std::int32_t>(s), plan.topk_ids(t, s),
+                       double(plan.topk_weights(t, s))});
+  grove::routing_plan<double> plan_d =
+      grove::plan_from_rows<double>(dims, T, k, plan.scale, picks, grove::adjugate_mode::once_per_pick);
+  const row_matrix<double> xd = x.cast<double>(), R = dy.cast<double>();
+  row_matrix<double> xp = xd;
+
+  grove::cpu_runner runner = make_engine(grove::simd::best_isa(), 2);
+  row_matrix<double> y(T, dims.hidden);
+  auto loss = [&] {
+    runner.forward(pd.view(), plan_d, xp, y);
+    return R.cwiseProduct(y).sum();
+  };
+  const double h = 1e-5;
+  auto central = [&](double& v) {
+    const double at = v;
+    v = at + h;
+    const double plus = loss();
+    v = at - h;
+    const double minus = loss();
+    v = at;
+    return (plus - minus) / (2 * h);
+  };
+  grove::layer_parameters<double> fd(dims);
+  for (std::size_t i = 0; i < pd.values().size(); ++i) fd.values()[i] = central(pd.values()[i]);
+  std::vector<double> fd_dx(static_cast<std::size_t>(xp.size())), fd_dw(static_cast<std::size_t>(T * k));
+  for (Index i = 0; i < xp.size(); ++i) fd_dx[static_cast<std::size_t>(i)] = central(xp.data()[i]);
+  // w_s enters through its expert row (the per-pick adjugate row is formed from it).
+  for (auto& row : plan_d.expert_rows) fd_dw[static_cast<std::size_t>(row.token * k + row.slot)] = central(row.weight);
+
+  const grove::layer_parameters<float> zero(dims);
+  grove::layer_parameters<float> grads(dims);
+  row_matrix<float> dx = row_matrix<float>::Zero(T, dims.hidden), dw;
+  runner.backward(params.view(), plan, x, dy, nullptr, grads.span(), dx, dw);
+  const std::pair<double, std::string> tensor = worst_tensor(grads, zero, fd);
+  CAPTURE(tensor.second);
+  CHECK(tensor.first < 1e-4);
+  CHECK(worst_relative(dx, nullptr, fd_dx) < 1e-4);
+  CHECK(worst_relative(dw, nullptr, fd_dw) < 1e-4);
+
+  const grove::layer_parameters<double> zero_d(dims);
+  grove::layer_parameters<double> grads_d(dims);
+  row_matrix<double> dx_d = row_matrix<double>::Zero(T, dims.hidden), dw_d;
+  runner.backward<double>(pd.view(), plan_d, xd, R, nullptr, grads_d.span(), dx_d, dw_d);
+  const std::pair<double, std::string> tensor_d = worst_tensor(grads_d, zero_d, fd);
+  CAPTURE(tensor_d.second);
+  CHECK(tensor_d.first < 1e-7);
+  CHECK(worst_relative(dx_d, nullptr, fd_dx) < 1e-7);
+  CHECK(worst_relative(dw_d, nullptr, fd_dw) < 1e-7);
+}
+
+TEST_CASE("fast_cpu: backward over shards of groups adds up to the whole backward bit for bit") {
+  // dx follows the canonical sum (plan/combine.hpp): group partials added to the caller's dx in
+  // ascending group order. Shards of ascending groups, one after the other into one dx, give
+  // the whole backward's dx; each MLP's gradient and each pick's dw come from its own group.
+  const layer_case c = cases[0];
+  prepared p = prepare(c, 47);
+  const row_matrix<float> dy = grove_test::random_matrix<float>(c.tokens, c.dims.hidden, 48);
+  const row_matrix<float> start_dx = grove_test::random_matrix<float>(c.tokens, c.dims.hidden, 49);
+  const auto start_grads = grove::layer_parameters<float>::random(c.dims, 50, 0.5);
+  const std::vector<Index> first_half{0, 1}, second_half{2, 3};
+  for (const auto mode : {grove::adjugate_mode::once_per_token, grove::adjugate_mode::once_per_pick})
+    for (isa level : levels()) {
+      CAPTURE(static_cast<int>(mode));
+      CAPTURE(grove::simd::isa_name(level));
+      p.plan.adjugates = mode;
+      auto engine = make_engine(level, 3);
+      const backward_result whole = run_backward(engine, p, dy, nullptr, start_grads, start_dx);
+      backward_result sharded{start_grads, start_dx, {}};
+      for (const auto* groups : {&first_half, &second_half}) {
+        const std::span<const Index> held(*groups);
+        const auto shard_plan = grove::restrict_to_groups(p.plan, held);
+        row_matrix<float> dw;
+        engine.backward(p.params.view().only_groups(held), shard_plan, p.x, dy, nullptr, sharded.grads.span(),
+                        sharded.dx, dw);
+        for (Index t = 0; t < c.tokens; ++t)
+          for (Index s = 0; s < c.top_k; ++s)
+            if (std::binary_search(groups->begin(), groups->end(), Index(p.plan.topk_ids(t, s) / c.dims.group_size())))
+              CHECK(std::bit_cast<std::uint32_t>(dw(t, s)) == std::bit_cast<std::uint32_t>(whole.dw(t, s)));
+      }
+      CHECK(same_bits(sharded.grads.values(), whole.grads.values()));
+      CHECK(same_bits(sharded.dx, whole.dx));
+    }
 }

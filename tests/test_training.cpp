@@ -53,9 +53,13 @@ void reference_mlp(const grove::swiglu_weights<const S>& m, const double* x, dou
   for (grove::index o = 0; o < h; ++o) out[o] += scale * dot_row(m.down.data() + o * inter, hid.data(), inter);
 }
 
+// `adjugates`: once per token (the adjugate of each picked group with λ·c_j), once per pick (the
+// group's adjugate for every pick, each with λ·w_s: the released code's order of evaluation),
+// or none.
 template <class S>
 reference_output reference_forward(const grove::weights_view<S>& w, grove::index k, double lambda,
-                                   const row_matrix<double>& x, bool skip_adjugates = false) {
+                                   const row_matrix<double>& x,
+                                   grove::adjugate_mode adjugates = grove::adjugate_mode::once_per_token) {
   const layer_dims& d = w.dims();
   reference_output r;
   r.y = row_matrix<double>::Zero(x.rows(), d.hidden);
@@ -80,9 +84,11 @@ reference_output reference_forward(const grove::weights_view<S>& w, grove::index
     for (int e : picks) {
       const double ws = std::exp(logit[static_cast<std::size_t>(e)] - top) / sum;
       reference_mlp(w.expert(e), xt, ws, &r.y(t, 0));
+      if (adjugates == grove::adjugate_mode::once_per_pick)
+        reference_mlp(w.adjugate(e / d.group_size()), xt, lambda * ws, &r.y(t, 0));
       group_weight[static_cast<std::size_t>(e / d.group_size())] += ws;
     }
-    if (!skip_adjugates)
+    if (adjugates == grove::adjugate_mode::once_per_token)
       for (grove::index j = 0; j < d.groups; ++j)
         if (group_weight[static_cast<std::size_t>(j)] > 0)
           reference_mlp(w.adjugate(j), xt, lambda * group_weight[static_cast<std::size_t>(j)], &r.y(t, 0));
@@ -116,15 +122,18 @@ layer_parameters<double> case_parameters(const layer_case& c, std::uint64_t seed
 // Central differences of L = <R, y> for every entry of every tensor and of x, against the
 // analytic gradient. An entry whose ±h perturbation changes any token's picked set is skipped:
 // the loss is not differentiable across a change of selection.
-void check_against_finite_differences(const layer_case& c, std::uint64_t seed) {
+void check_against_finite_differences(const layer_case& c, std::uint64_t seed,
+                                      grove::adjugate_mode adjugates = grove::adjugate_mode::once_per_token) {
   CAPTURE(c.name);
+  CAPTURE(static_cast<int>(adjugates));
   layer_parameters<double> p = case_parameters(c, seed);
   const row_matrix<double> x = random_matrix<double>(c.tokens, c.dims.hidden, seed + 1);
   const row_matrix<double> R = random_matrix<double>(c.tokens, c.dims.hidden, seed + 2);
-  const grove::routing_options options{c.top_k, c.lambda};
+  grove::routing_options options{c.top_k, c.lambda};
+  options.adjugates = adjugates;
 
   const auto plan = grove::route(p.view(), options, x);
-  const reference_output base = reference_forward(p.view(), c.top_k, c.lambda, x);
+  const reference_output base = reference_forward(p.view(), c.top_k, c.lambda, x, adjugates);
   for (grove::index t = 0; t < c.tokens; ++t) {
     std::vector<int> ids(&plan.topk_ids(t, 0), &plan.topk_ids(t, 0) + c.top_k);
     std::sort(ids.begin(), ids.end());
@@ -172,7 +181,7 @@ void check_against_finite_differences(const layer_case& c, std::uint64_t seed) {
           grad_ptrs[n][i],
           [&](double step) {
             entry = saved + step;
-            auto out = reference_forward(p.view(), c.top_k, c.lambda, x);
+            auto out = reference_forward(p.view(), c.top_k, c.lambda, x, adjugates);
             entry = saved;
             return out;
           },
@@ -193,7 +202,7 @@ void check_against_finite_differences(const layer_case& c, std::uint64_t seed) {
         g.input.data()[i],
         [&](double step) {
           xp.data()[i] = x.data()[i] + step;
-          auto out = reference_forward(p.view(), c.top_k, c.lambda, xp);
+          auto out = reference_forward(p.view(), c.top_k, c.lambda, xp, adjugates);
           xp.data()[i] = x.data()[i];
           return out;
         },
@@ -235,6 +244,14 @@ TEST_SUITE("training") {
     for (const auto& c : fd_cases) check_against_finite_differences(c, seed += 10);
   }
 
+  TEST_CASE("once per pick: backward matches central finite differences of the once-per-pick forward") {
+    // The forward evaluates each pick's adjugate on its own (weight λ·w_s); its gradients, the
+    // router's through dw included, are those of that forward (fp64: the plain runner path).
+    std::uint64_t seed = 511;
+    for (const auto& c : fd_cases)
+      check_against_finite_differences(c, seed += 10, grove::adjugate_mode::once_per_pick);
+  }
+
   TEST_CASE("the general case shares adjugates between picks, so the once-per-token path is exercised") {
     const auto& c = fd_cases[0];
     auto p = case_parameters(c, 21);
@@ -250,28 +267,40 @@ TEST_SUITE("training") {
     for (S& b : p.bias()) b = static_cast<S>(0.05 * gen.normal());
     const auto x = random_matrix<S>(40, dims.hidden, 7);
     const auto dy = random_matrix<S>(40, dims.hidden, 8);
-    const auto plan = grove::route(p.view(), {3, 0.3}, x);
+    for (const auto mode : {grove::adjugate_mode::once_per_token, grove::adjugate_mode::once_per_pick}) {
+      CAPTURE(static_cast<int>(mode));
+      grove::routing_options options{3, 0.3};
+      options.adjugates = mode;
+      const auto plan = grove::route(p.view(), options, x);
 
-    grove::saved_activations<S> saved;
-    row_matrix<S> y(x.rows(), dims.hidden), y_core(x.rows(), dims.hidden);
-    grove::forward_saving<S>(p.view(), plan, x, y, saved);
-    grove::default_runner()->forward<S>(p.view(), plan, x, y_core);
-    CHECK(saved.matches(plan, dims));
-    CHECK(saved.bytes() == sizeof(S) * std::size_t(2 * (40 * 3 * 12 + plan.adjugate_evaluations() * 6)));
-    // The training forward computes the same y as the inference kernel (up to rounding, since
-    // that kernel may be optimised independently).
-    CHECK((y - y_core).cwiseAbs().maxCoeff() <= S(1e-5) * (S(1) + y_core.cwiseAbs().maxCoeff()));
+      grove::saved_activations<S> saved;
+      row_matrix<S> y(x.rows(), dims.hidden), y_core(x.rows(), dims.hidden);
+      grove::forward_saving<S>(p.view(), plan, x, y, saved);
+      grove::default_runner()->forward<S>(p.view(), plan, x, y_core);
+      CHECK(saved.matches(plan, dims));
+      // Once per pick also keeps one adjugate row per pick.
+      const std::size_t pick_rows = mode == grove::adjugate_mode::once_per_pick ? 40 * 3 * 6 : 0;
+      CHECK(saved.bytes() == sizeof(S) * std::size_t(2 * (40 * 3 * 12 + plan.adjugate_evaluations() * 6 + pick_rows)));
+      // The training forward computes the same y as the inference kernel (up to rounding, since
+      // that kernel may be optimised independently).
+      CHECK((y - y_core).cwiseAbs().maxCoeff() <= S(1e-5) * (S(1) + y_core.cwiseAbs().maxCoeff()));
 
-    const auto kept = grove::gradients<S>(p.view(), plan, x, dy, &saved);
-    const auto recomputed = grove::gradients<S>(p.view(), plan, x, dy);
-    CHECK(same_bits(kept.weights.values(), recomputed.weights.values()));
-    CHECK(same_bits(kept.input, recomputed.input));
-    CHECK(kept.input.cwiseAbs().maxCoeff() > 0);
+      const auto kept = grove::gradients<S>(p.view(), plan, x, dy, &saved);
+      const auto recomputed = grove::gradients<S>(p.view(), plan, x, dy);
+      CHECK(same_bits(kept.weights.values(), recomputed.weights.values()));
+      CHECK(same_bits(kept.input, recomputed.input));
+      CHECK(kept.input.cwiseAbs().maxCoeff() > 0);
 
-    // Activations saved for another plan are refused.
-    const auto other_x = random_matrix<S>(40, dims.hidden, 9);
-    const auto other_plan = grove::route(p.view(), {3, 0.3}, other_x);
-    CHECK_THROWS_AS((void)grove::gradients<S>(p.view(), other_plan, other_x, dy, &saved), grove::error);
+      // Activations saved for another plan are refused, and so are those of another adjugate mode.
+      const auto other_x = random_matrix<S>(40, dims.hidden, 9);
+      const auto other_plan = grove::route(p.view(), options, other_x);
+      CHECK_THROWS_AS((void)grove::gradients<S>(p.view(), other_plan, other_x, dy, &saved), grove::error);
+      auto other_mode = plan;
+      other_mode.adjugates = mode == grove::adjugate_mode::once_per_pick ? grove::adjugate_mode::once_per_token
+                                                                         : grove::adjugate_mode::once_per_pick;
+      CHECK(!saved.matches(other_mode, dims));
+      CHECK_THROWS_AS((void)grove::gradients<S>(p.view(), other_mode, x, dy, &saved), grove::error);
+    }
   }
 
   TEST_CASE("float gradients agree with double gradients to 1e-4 relative, tensor by tensor") {
@@ -645,7 +674,7 @@ TEST_SUITE("training") {
     CHECK(same_bits(result.y, no_adjugates.forward(x)));
 
     // (3) An independent scalar plain MoE (router + experts of the original weights), in double.
-    const auto ref = reference_forward(plain.view(), 3, 0.0, x.cast<double>(), /*skip_adjugates=*/true);
+    const auto ref = reference_forward(plain.view(), 3, 0.0, x.cast<double>(), grove::adjugate_mode::none);
     CHECK((result.y.cast<double>() - ref.y).cwiseAbs().maxCoeff() < 1e-5);
     CHECK(ref.y.cwiseAbs().maxCoeff() > 0.01);
 

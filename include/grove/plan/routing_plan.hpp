@@ -1,5 +1,6 @@
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -82,4 +83,20 @@ struct routing_plan {
   }
 };
 
+namespace detail {
+
+/// The rows of adjugate_mode::once_per_pick's adjugate evaluations for the expert rows `picks`:
+/// the same (token, pick slot), weight λ·w_s. The fused schedule and the plain forward and
+/// backward all form them here, so that they weigh every per-pick term alike.
+template <class Scalar>
+void per_pick_adjugate_rows(std::span<const dispatch_row<Scalar>> picks, Scalar lambda,
+                            std::vector<dispatch_row<Scalar>>& out) {
+  out.resize(picks.size());
+  for (std::size_t r = 0; r < picks.size(); ++r) {
+    out[r] = picks[r];
+    out[r].weight = lambda * picks[r].weight;
+  }
+}
+
+}  // namespace detail
 GROVE_END_NAMESPACE

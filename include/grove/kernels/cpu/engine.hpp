@@ -86,9 +86,6 @@ class cpu_engine {
               "] (one row per token and picked group)");
       require(request.saved == nullptr, "grove: a training forward writes y, not group partials");
     } else {
-      require(request.saved == nullptr || request.plan.adjugates != adjugate_mode::once_per_pick,
-              "grove: a training forward needs adjugate_mode::once_per_token or none (the backward has no "
-              "once_per_pick)");
       require_batch_shapes(d, request.plan, request.y.rows(), request.y.cols(), "output y");
     }
     float* gate_out = nullptr;
@@ -137,7 +134,7 @@ class cpu_engine {
     return x_f32_.bytes() + x_bf16_.bytes() + h_f32_.bytes() + h_bf16_.bytes() + schedule_f32_.bytes() +
            schedule_bf16_.bytes() + gate_.bytes() + up_.bytes() + dg_.bytes() + du_.bytes() + dots_.bytes() +
            pack_.bytes() + partial_.bytes() + backward_schedule_.bytes() +
-           sizeof(float) * static_cast<std::size_t>(group_dots_.size());
+           sizeof(float) * static_cast<std::size_t>(adjugate_dots_.size());
   }
   [[nodiscard]] std::size_t workspace_allocations() const {
     return x_f32_.allocations() + x_bf16_.allocations() + h_f32_.allocations() + h_bf16_.allocations() +
@@ -296,7 +293,7 @@ class cpu_engine {
   backward_schedule backward_schedule_;
   growing_buffer<float> gate_, up_, dg_, du_, dots_, pack_;
   growing_buffer<float> partial_;  // per-thread group partials of the down and dx tiles
-  row_matrix<float> group_dots_;
+  row_matrix<float> adjugate_dots_;
 };
 
 inline void cpu_engine::backward(const expert_backward<float>& request) {
@@ -306,8 +303,6 @@ inline void cpu_engine::backward(const expert_backward<float>& request) {
   rows_ref<float> dx = request.dx;  // a request is read-only; the Ref it holds writes
   require_backward_inputs<float>(weights.dims(), plan, request.x, request.dy, request.dx, request.grads.dims(),
                                  request.saved);
-  require(plan.adjugates != adjugate_mode::once_per_pick,
-          "grove: the CPU backward runs adjugate_mode::once_per_token and none; once_per_pick is forward only");
   using clock = std::chrono::steady_clock;
   const auto start = clock::now();
   timings_ = {};
@@ -345,6 +340,7 @@ inline void cpu_engine::backward(const expert_backward<float>& request) {
   const backward_pass pass{schedule.items().data(),
                            static_cast<index>(schedule.items().size()),
                            tiles.gradients().data(),
+                           tiles.gradient_items().data(),
                            staged,
                            ldx,
                            request.dy.data(),
@@ -373,8 +369,10 @@ inline void cpu_engine::backward(const expert_backward<float>& request) {
   });
   const auto dh_at = clock::now();
 
-  // ⟨dy, E(x)⟩ of every row: its partial sums over column blocks, in block order.
-  group_dots_.setZero(T, plan.max_groups());
+  // ⟨dy, E(x)⟩ of every row: its partial sums over column blocks, in block order. A routed
+  // expert's row goes to dw at its pick slot, an adjugate's to the adjugate dots at its slot
+  // (group slot once per token, pick slot once per pick; add_adjugate_dots sorts them out).
+  adjugate_dots_.setZero(T, adjugate_dot_columns(plan));
   for (const auto& item : schedule.items()) {
     const index blocks = (item.inter + backward_schedule::block_cols - 1) / backward_schedule::block_cols;
     for (index r = 0; r < item.row_count; ++r) {
@@ -382,10 +380,10 @@ inline void cpu_engine::backward(const expert_backward<float>& request) {
       float dot = partial[0];
       for (index b = 1; b < blocks; ++b) dot += partial[b];
       const auto& row = item.rows[r];
-      (item.adjugate ? group_dots_ : dw)(row.token, row.slot) = dot;
+      (item.adjugate ? adjugate_dots_ : dw)(row.token, row.slot) = dot;
     }
   }
-  add_adjugate_dots(plan, group_dots_, dw);
+  add_adjugate_dots(plan, adjugate_dots_, dw);
 
   // dx tiles (one column block of dx each, all items in order) and weight-gradient tiles,
   // from one counter: the fewer, larger dx tiles first.

@@ -30,33 +30,30 @@ void forward_experts_saving_simple(const std::type_identity_t<weights_view<Scala
   const layer_dims& d = weights.dims();
   detail::require_batch_shapes(d, plan, x.rows(), x.cols(), "input x");
   detail::require_batch_shapes(d, plan, y.rows(), y.cols(), "output y");
-  detail::require(plan.adjugates != adjugate_mode::once_per_pick,
-                  "grove: a training forward needs adjugate_mode::once_per_token or none (the backward has no "
-                  "once_per_pick)");
   saved.reset(d, plan);
   y.setZero();
   detail::swiglu_batch_scratch<Scalar> s;
-  auto run = [&](const swiglu_weights<const Scalar>& mlp, std::span<const dispatch_row<Scalar>> rows,
-                 std::size_t start) {
-    const auto n = static_cast<index>(rows.size());
+  std::vector<dispatch_row<Scalar>> pick_rows;
+  detail::for_each_plain_item<Scalar>(plan, &saved, pick_rows, [&](const detail::plain_item<Scalar>& item) {
+    const auto n = static_cast<index>(item.rows.size());
     if (n == 0) return;
-    detail::swiglu_batch_forward<Scalar>(mlp, rows, x, s, y);
+    const swiglu_weights<const Scalar> mlp = item.of(weights);
+    detail::swiglu_batch_forward<Scalar>(mlp, item.rows, x, s, y);
     const index inter = mlp.gate.rows();
-    matrix_map<Scalar>(saved.gate.data() + start, n, inter) = s.gate;
-    matrix_map<Scalar>(saved.up.data() + start, n, inter) = s.up;
-  };
-  for (index e = 0; e < d.experts; ++e) run(weights.expert(e), plan.rows_of_expert(e), saved.expert_start(e));
-  if (plan.adjugates == adjugate_mode::once_per_token)
-    for (index j = 0; j < d.groups; ++j) run(weights.adjugate(j), plan.rows_of_adjugate(j), saved.adjugate_start(j));
+    matrix_map<Scalar>(saved.gate.data() + item.saved_start, n, inter) = s.gate;
+    matrix_map<Scalar>(saved.up.data() + item.saved_start, n, inter) = s.up;
+  });
 }
 
 /// Backward of every routed expert and every activated adjugate of a plan (docs/math.md,
 /// "Backward"). Accumulates the expert and adjugate weight gradients into `grads` and the
 /// experts' share of dx into `dx`; writes `dw` [T, k], the gradient of each routing weight w_s:
 ///   dw_s = ⟨dy, E_{e_s}(x)⟩ + λ ⟨dy, A_{e_s / group_size}(x)⟩.
-/// Each adjugate runs once per token, over the plan's deduplicated adjugate rows, as in the
-/// forward. `saved` (from a training forward of this plan) skips recomputing the
-/// gate/up products; nullptr recomputes them. The router is not touched here.
+/// The adjugates run as in the forward (the plan's adjugate_mode): once per token over the
+/// plan's deduplicated adjugate rows (weight λ·c_j), or once per pick (weight λ·w_s; each pick
+/// adds its share to the adjugate's gradients and receives its own λ ⟨dy, A(x)⟩), or not at all.
+/// `saved` (from a training forward of this plan) skips recomputing the gate/up products;
+/// nullptr recomputes them. The router is not touched here.
 ///
 /// This is the plain version (per-item Eigen products on the calling thread): the baseline of
 /// cpu_runner's fused backward and its path for fp64.
@@ -68,40 +65,34 @@ void backward_experts_simple(const std::type_identity_t<weights_view<Scalar>>& w
                              std::type_identity_t<rows_ref<Scalar>> dx, row_matrix<Scalar>& dw) {
   const layer_dims& d = weights.dims();
   detail::require_backward_inputs<Scalar>(d, plan, x, dy, dx, grads.dims(), saved);
-  detail::require(plan.adjugates != adjugate_mode::once_per_pick,
-                  "grove: the CPU backward runs adjugate_mode::once_per_token and none; once_per_pick is forward only");
 
   dw.setZero(plan.tokens, plan.top_k);
-  row_matrix<Scalar> group_dots = row_matrix<Scalar>::Zero(plan.tokens, plan.max_groups());
+  row_matrix<Scalar> adjugate_dots = row_matrix<Scalar>::Zero(plan.tokens, detail::adjugate_dot_columns(plan));
   detail::swiglu_batch_scratch<Scalar> s;
   std::vector<Scalar> dots;
-  auto run = [&](const swiglu_weights<const Scalar>& mlp, swiglu_weights<Scalar> grad,
-                 std::span<const dispatch_row<Scalar>> rows, std::size_t start, row_matrix<Scalar>& dots_out) {
-    const auto n = static_cast<index>(rows.size());
+  std::vector<dispatch_row<Scalar>> pick_rows;
+  detail::for_each_plain_item<Scalar>(plan, saved, pick_rows, [&](const detail::plain_item<Scalar>& item) {
+    const auto n = static_cast<index>(item.rows.size());
     if (n == 0) return;
-    detail::gather_rows<Scalar>(x, rows, s.x);
-    detail::gather_rows<Scalar>(dy, rows, s.dy);
+    const swiglu_weights<const Scalar> mlp = item.of(weights);
+    detail::gather_rows<Scalar>(x, item.rows, s.x);
+    detail::gather_rows<Scalar>(dy, item.rows, s.dy);
     if (saved) {
       const index inter = mlp.gate.rows();
-      s.gate = matrix_map<const Scalar>(saved->gate.data() + start, n, inter);
-      s.up = matrix_map<const Scalar>(saved->up.data() + start, n, inter);
+      s.gate = matrix_map<const Scalar>(saved->gate.data() + item.saved_start, n, inter);
+      s.up = matrix_map<const Scalar>(saved->up.data() + item.saved_start, n, inter);
     } else {
       detail::swiglu_pre_activations(mlp, s.x, s.gate, s.up);
     }
-    detail::swiglu_batch_backward<Scalar>(mlp, grad, rows, s, dx, dots);
+    detail::swiglu_batch_backward<Scalar>(mlp, item.of(grads), item.rows, s, dx, dots);
+    // A row's slot is its pick slot (routed experts, per-pick adjugates) or its group slot.
+    row_matrix<Scalar>& dots_out = item.adjugate ? adjugate_dots : dw;
     for (index i = 0; i < n; ++i) {
-      const auto& row = rows[static_cast<std::size_t>(i)];
+      const auto& row = item.rows[static_cast<std::size_t>(i)];
       dots_out(row.token, row.slot) = dots[static_cast<std::size_t>(i)];
     }
-  };
-  for (index e = 0; e < d.experts; ++e)
-    run(weights.expert(e), grads.expert(e), plan.rows_of_expert(e), saved ? saved->expert_start(e) : 0, dw);
-  if (plan.adjugates == adjugate_mode::once_per_token)
-    for (index j = 0; j < d.groups; ++j)
-      run(weights.adjugate(j), grads.adjugate(j), plan.rows_of_adjugate(j), saved ? saved->adjugate_start(j) : 0,
-          group_dots);
-
-  detail::add_adjugate_dots(plan, group_dots, dw);
+  });
+  detail::add_adjugate_dots(plan, adjugate_dots, dw);
 }
 
 }  // namespace cpu

@@ -17,12 +17,13 @@ GROVE_BEGIN_NAMESPACE
 namespace cpu {
 
 /// The plain CPU forward of the experts of a plan, kept as the baseline the fused pass
-/// (cpu_runner) is measured and tested against, and the path for fp64: each expert and each adjugate processes its rows of the plan as one batch
-/// with Eigen products (gather, gate/up product, SwiGLU, down product, weighted scatter-add),
-/// one after the other on the calling thread. Summation order is fixed (experts by index, then
+/// (cpu_runner) is measured and tested against, and the path for fp64: each expert and each
+/// adjugate processes its rows of the plan as one batch with Eigen products (gather, gate/up
+/// product, SwiGLU, down product, weighted scatter-add), one after the other on the calling
+/// thread (detail::for_each_plain_item). Summation order is fixed (experts by index, then
 /// adjugates; tokens ascending), not the canonical one of plan/combine.hpp: a baseline, compared
-/// with tolerances. Eigen vectorises only for the instruction sets the translation
-/// unit is compiled for.
+/// with tolerances. Eigen vectorises only for the instruction sets the translation unit is
+/// compiled for.
 template <class Scalar>
 void forward_experts_simple(const weights_view<Scalar>& weights, const routing_plan<Scalar>& plan,
                             std::type_identity_t<const_rows_ref<Scalar>> x,
@@ -32,22 +33,10 @@ void forward_experts_simple(const weights_view<Scalar>& weights, const routing_p
   detail::require_batch_shapes(d, plan, y.rows(), y.cols(), "output y");
   y.setZero();
   detail::swiglu_batch_scratch<Scalar> scratch;
-  auto run = [&](const swiglu_weights<const Scalar>& mlp, std::span<const dispatch_row<Scalar>> rows) {
-    if (!rows.empty()) detail::swiglu_batch_forward<Scalar>(mlp, rows, x, scratch, y);
-  };
-  for (index e = 0; e < d.experts; ++e) run(weights.expert(e), plan.rows_of_expert(e));
-  if (plan.adjugates == adjugate_mode::once_per_token) {
-    for (index j = 0; j < d.groups; ++j) run(weights.adjugate(j), plan.rows_of_adjugate(j));
-  } else if (plan.adjugates == adjugate_mode::once_per_pick) {
-    // Each pick's adjugate term, λ·w_s · A_{e_s / group_size}(x), over the expert's rows.
-    std::vector<dispatch_row<Scalar>> rows;
-    for (index e = 0; e < d.experts; ++e) {
-      const auto picks = plan.rows_of_expert(e);
-      rows.assign(picks.begin(), picks.end());
-      for (auto& row : rows) row.weight *= static_cast<Scalar>(plan.scale);
-      run(weights.adjugate(e / d.group_size()), rows);
-    }
-  }
+  std::vector<dispatch_row<Scalar>> pick_rows;
+  detail::for_each_plain_item<Scalar>(plan, nullptr, pick_rows, [&](const detail::plain_item<Scalar>& item) {
+    if (!item.rows.empty()) detail::swiglu_batch_forward<Scalar>(item.of(weights), item.rows, x, scratch, y);
+  });
 }
 
 }  // namespace cpu

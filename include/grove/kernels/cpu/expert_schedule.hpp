@@ -98,13 +98,7 @@ class expert_schedule {
     const bool per_token = plan.adjugates == adjugate_mode::once_per_token;
     const float lambda = static_cast<float>(plan.scale);
     // Per-pick adjugate rows: the expert rows with weight λ·w_s (sized before any item points in).
-    if (per_pick) {
-      pick_rows_.resize(plan.expert_rows.size());
-      for (std::size_t r = 0; r < plan.expert_rows.size(); ++r) {
-        pick_rows_[r] = plan.expert_rows[r];
-        pick_rows_[r].weight = lambda * plan.expert_rows[r].weight;
-      }
-    }
+    if (per_pick) per_pick_adjugate_rows<float>(plan.expert_rows, lambda, pick_rows_);
     slots_.resize(plan.expert_rows.size() * (per_pick ? 2 : 1) + (per_token ? plan.adjugate_rows.size() : 0));
     // h keeps the plan's layout whatever the item order (saved_activations documents it): expert
     // rows at their plan offsets (I each), then adjugate rows (Ia each), then per-pick rows.

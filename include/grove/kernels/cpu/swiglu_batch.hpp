@@ -8,6 +8,7 @@
 #include "grove/weights/swiglu.hpp"
 #include "grove/weights/tensor_types.hpp"
 #include "grove/plan/routing_plan.hpp"
+#include "grove/plan/saved_activations.hpp"
 
 GROVE_BEGIN_NAMESPACE
 // The per-batch pieces of the plain (Eigen) expert pass, shared by the simple forward, the
@@ -87,6 +88,44 @@ void swiglu_batch_backward(const swiglu_weights<const Scalar>& mlp, swiglu_weigh
   s.dx.noalias() = s.dgate * mlp.gate;
   s.dx.noalias() += s.dup * mlp.up;
   for (index i = 0; i < n; ++i) dx.row(rows[static_cast<std::size_t>(i)].token) += s.dx.row(i);
+}
+
+/// One item of the plain expert pass: a routed expert or an adjugate over its rows of a plan.
+template <class Scalar>
+struct plain_item {
+  bool adjugate;  ///< an adjugate: its weights and gradients are group `id`'s; else routed expert `id`'s
+  index id;
+  std::span<const dispatch_row<Scalar>> rows;
+  std::size_t saved_start;  ///< where its rows' g and u start in the saved activations (0 without)
+
+  /// The item's MLP in `weights` (the layer's weights or its gradient buffers).
+  template <class T>
+  [[nodiscard]] swiglu_weights<T> of(const layer_weights<T>& weights) const {
+    return adjugate ? weights.adjugate(id) : weights.expert(id);
+  }
+};
+
+/// Calls fn(plain_item) for every item of the plain expert pass of `plan`, in its fixed order:
+/// the routed experts by index, then the adjugates as the plan's mode says: once per token each
+/// activated adjugate over its group rows (weight λ·c_j); once per pick, for each routed expert
+/// by index, its group's adjugate over the expert's picks (weight λ·w_s, rows formed in
+/// `pick_rows`, reused from item to item); none, no adjugate. The plain forward, the saving
+/// forward and backward all walk the plan through this, so they see the same items in the same
+/// order. `saved` (or nullptr) locates each item's block of saved activations.
+template <class Scalar, class Fn>
+void for_each_plain_item(const routing_plan<Scalar>& plan, const saved_activations<Scalar>* saved,
+                         std::vector<dispatch_row<Scalar>>& pick_rows, Fn&& fn) {
+  for (index e = 0; e < plan.experts; ++e)
+    fn(plain_item<Scalar>{false, e, plan.rows_of_expert(e), saved ? saved->expert_start(e) : 0});
+  if (plan.adjugates == adjugate_mode::once_per_token) {
+    for (index j = 0; j < plan.groups; ++j)
+      fn(plain_item<Scalar>{true, j, plan.rows_of_adjugate(j), saved ? saved->adjugate_start(j) : 0});
+  } else if (plan.adjugates == adjugate_mode::once_per_pick) {
+    for (index e = 0; e < plan.experts; ++e) {
+      per_pick_adjugate_rows<Scalar>(plan.rows_of_expert(e), static_cast<Scalar>(plan.scale), pick_rows);
+      fn(plain_item<Scalar>{true, e / plan.group_size, pick_rows, saved ? saved->pick_start(e) : 0});
+    }
+  }
 }
 
 }  // namespace detail

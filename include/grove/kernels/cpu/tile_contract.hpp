@@ -44,6 +44,7 @@ struct backward_pass {
   const expert_item<float>* items;
   index item_count;
   const item_gradients* grads;  ///< per item
+  const std::int32_t* gradient_items;  ///< the items of each gradient tile's MLP (backward_schedule)
   const float* x;               ///< staged activations [T, ldx]
   index ldx;
   const float* dy;

@@ -355,21 +355,26 @@ void dh_tile(const Pass& pass, const detail::gate_up_tile& tile, float* pack) {
   }
 }
 
-/// A weight-gradient tile: rows [begin, end) of ∂D_e (Down) or of ∂G_e and ∂U_e together.
+/// A weight-gradient tile: rows [begin, end) of ∂D (Down) or of ∂G and ∂U together, of the MLP
+/// whose items the tile lists (one item; once per pick, an adjugate's items one after the other:
+/// each item's sums continue from the gradient the previous one left).
 template <class Pass>
 void gradient_tile(const Pass& pass, const detail::gradient_tile& tile) {
-  const auto& item = pass.items[tile.item];
-  const auto& grad = pass.grads[tile.item];
-  const index inter = item.inter;
-  if (tile.down) {
-    // ∂D[c][i] += Σ_k dy[token_k][c] · (w·h)[k][i]
-    const outer_rows s{item.rows, item.row_count, pass.dy, nullptr, pass.lddy, pass.hw + item.h_offset, inter};
-    outer_accumulate_rows<false, true>(s, grad.down, nullptr, inter, tile.begin, tile.end, inter);
-  } else {
-    // ∂G[i][c] += Σ_k dg[k][i] · x[token_k][c], ∂U likewise with du
-    const outer_rows s{item.rows, item.row_count, pass.dg + item.h_offset, pass.du + item.h_offset, inter,
-                       pass.x, pass.ldx};
-    outer_accumulate_rows<true, false>(s, grad.gate, grad.up, pass.hidden, tile.begin, tile.end, pass.hidden);
+  for (std::int32_t k = tile.first; k < tile.last; ++k) {
+    const std::int32_t i = pass.gradient_items[k];
+    const auto& item = pass.items[i];
+    const auto& grad = pass.grads[i];
+    const index inter = item.inter;
+    if (tile.down) {
+      // ∂D[c][i] += Σ_k dy[token_k][c] · (w·h)[k][i]
+      const outer_rows s{item.rows, item.row_count, pass.dy, nullptr, pass.lddy, pass.hw + item.h_offset, inter};
+      outer_accumulate_rows<false, true>(s, grad.down, nullptr, inter, tile.begin, tile.end, inter);
+    } else {
+      // ∂G[i][c] += Σ_k dg[k][i] · x[token_k][c], ∂U likewise with du
+      const outer_rows s{item.rows, item.row_count, pass.dg + item.h_offset, pass.du + item.h_offset, inter,
+                         pass.x, pass.ldx};
+      outer_accumulate_rows<true, false>(s, grad.gate, grad.up, pass.hidden, tile.begin, tile.end, pass.hidden);
+    }
   }
 }
 
