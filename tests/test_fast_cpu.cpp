@@ -1200,6 +1200,24 @@ TEST_CASE("fast_cpu: backward over shards of groups adds up to the whole backwar
           for (Index s = 0; s < c.top_k; ++s)
             if (std::binary_search(groups->begin(), groups->end(), Index(p.plan.topk_ids(t, s) / c.dims.group_size())))
               CHECK(std::bit_cast<std::uint32_t>(dw(t, s)) == std::bit_cast<std::uint32_t>(whole.dw(t, s)));
+            else
+              CHECK(dw(t, s) == 0.0f);  // another shard's pick: its dw comes from that shard
+        // A plan received with holes (plan_from_rows, id -1 where a pick's expert is elsewhere):
+        // a hole's dw is zero, whatever group its token's other picks are in.
+        std::vector<grove::routed_row<float>> rows;
+        for (Index t = 0; t < c.tokens; ++t)
+          for (Index s = 0; s < c.top_k; ++s)
+            if (std::binary_search(groups->begin(), groups->end(), Index(p.plan.topk_ids(t, s) / c.dims.group_size())))
+              rows.push_back({static_cast<std::int32_t>(t), static_cast<std::int32_t>(s), p.plan.topk_ids(t, s),
+                              p.plan.topk_weights(t, s)});
+        const auto received = grove::plan_from_rows<float>(c.dims, c.tokens, c.top_k, p.plan.scale, rows, mode);
+        auto scratch_grads = grove::layer_parameters<float>(start_grads);
+        row_matrix<float> scratch_dx = start_dx, dw_received;
+        engine.backward(p.params.view().only_groups(held), received, p.x, dy, nullptr, scratch_grads.span(), scratch_dx,
+                        dw_received);
+        for (Index t = 0; t < c.tokens; ++t)
+          for (Index s = 0; s < c.top_k; ++s)
+            if (received.topk_ids(t, s) < 0) CHECK(dw_received(t, s) == 0.0f);
       }
       CHECK(same_bits(sharded.grads.values(), whole.grads.values()));
       CHECK(same_bits(sharded.dx, whole.dx));

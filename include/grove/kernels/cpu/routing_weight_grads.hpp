@@ -36,6 +36,9 @@ void add_adjugate_dots(const routing_plan<Scalar>& plan, const row_matrix<Scalar
   for (index t = 0; t < plan.tokens; ++t) {
     const index groups_of_token = plan.groups_per_token[static_cast<std::size_t>(t)];
     for (index slot = 0; slot < plan.top_k; ++slot) {
+      // A hole (a pick received without its expert, id -1) has no group: -1 / group_size would
+      // read as group 0.
+      if (plan.topk_ids(t, slot) < 0) continue;
       const auto group = static_cast<std::int32_t>(plan.topk_ids(t, slot) / plan.group_size);
       for (index at = 0; at < groups_of_token; ++at)
         if (plan.token_groups(t, at) == group) {
