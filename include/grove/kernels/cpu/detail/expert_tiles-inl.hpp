@@ -142,8 +142,9 @@ __attribute__((always_inline)) inline void reduce_all(const fbatch* acc, float* 
 }
 
 /// out[r·NR + c] = Σ_k a[r][k]·w[c][k]. Lane i of an accumulator sums the k ≡ i (mod chunk), in
-/// ascending k; the lanes are then added in reduce_add's fixed order.
-template <class P, int MR, int NR, bool Prefetch>
+/// ascending k; the lanes are then added in reduce_add's fixed order. The prefetch window has PR
+/// rows (NR, or a full panel's when this is a narrow tail panel).
+template <class P, int MR, int NR, bool Prefetch, int PR = NR>
 void dot_block(const typename P::a_type* const* a, const typename P::w_type* const* w, index K, float* out,
                const prefetch_window& pw) {
   index q = pw.begin;
@@ -158,7 +159,7 @@ void dot_block(const typename P::a_type* const* a, const typename P::w_type* con
     typename P::a_reg av[MR];
     GROVE_SIMD_UNROLL
     for (int r = 0; r < MR; ++r) av[r] = P::load_a(a[r] + k);
-    if constexpr (Prefetch) prefetch_lines<NR>(pw, q);
+    if constexpr (Prefetch) prefetch_lines<PR>(pw, q);
     GROVE_SIMD_UNROLL
     for (int c = 0; c < NR; ++c) {
       const typename P::w_reg wv = P::load_w(w[c] + k);
@@ -182,8 +183,8 @@ void dot_block(const typename P::a_type* const* a, const typename P::w_type* con
 }
 
 /// dot_block for two weight matrices at once (gate and up share the activation loads):
-/// out[r·NR + c] for w1, out[MR·NR + r·NR + c] for w2.
-template <class P, int MR, int NR, bool Prefetch>
+/// out[r·NR + c] for w1, out[MR·NR + r·NR + c] for w2 (prefetch window of 2·PR rows).
+template <class P, int MR, int NR, bool Prefetch, int PR = NR>
 void dot_block2(const typename P::a_type* const* a, const typename P::w_type* const* w1,
                 const typename P::w_type* const* w2, index K, float* out, const prefetch_window& pw) {
   index q = pw.begin;
@@ -200,7 +201,7 @@ void dot_block2(const typename P::a_type* const* a, const typename P::w_type* co
     typename P::a_reg av[MR];
     GROVE_SIMD_UNROLL
     for (int r = 0; r < MR; ++r) av[r] = P::load_a(a[r] + k);
-    if constexpr (Prefetch) prefetch_lines<2 * NR>(pw, q);
+    if constexpr (Prefetch) prefetch_lines<2 * PR>(pw, q);
     GROVE_SIMD_UNROLL
     for (int c = 0; c < NR; ++c) {
       const typename P::w_reg g = P::load_w(w1[c] + k);
@@ -245,6 +246,12 @@ constexpr int down_cols(int mr) {
   if (wide_registers) return mr == 1 ? 8 : mr == 2 ? 12 : mr == 3 ? 8 : 6;
   return mr == 1 ? 12 : 6;
 }
+/// The narrow panel that ends a tile whose width is not a multiple of NR, when at most this many
+/// columns are left (a 32-column gate/up tile is 10 panels of 3 and one of 2; a 64-column down
+/// tile 10 panels of 6 and one of 4): the full-width panel would do up to a third more products
+/// than the columns need. Every product's chain is the same in either panel, so no bit changes.
+constexpr int gate_up_tail_cols = 2;
+constexpr int down_tail_cols = 4;
 constexpr int max_tile_rows = 64;  // schedule_shape limits: the g/u scratch of a tile is on the stack
 constexpr int max_tile_cols = 64;
 
@@ -274,15 +281,15 @@ void swiglu_row(const float* g, const float* u, int n, H* h) {
 
 /// One row block of a gate/up panel: dot_block2 (prefetching the next panel when asked), then
 /// the valid columns copied into the tile's g/u scratch.
-template <class P, int MR, int NR>
+template <class P, int MR, int NR, int PR = NR>
 void gate_up_block(const typename P::a_type* const* a, const typename P::w_type* const* wg,
                    const typename P::w_type* const* wu, const prefetch_window& pw, index K, int valid,
                    float (*g)[max_tile_cols], float (*u)[max_tile_cols], int c0) {
   float out[2 * MR * NR];
   if (pw.begin < pw.end)
-    dot_block2<P, MR, NR, true>(a, wg, wu, K, out, pw);
+    dot_block2<P, MR, NR, true, PR>(a, wg, wu, K, out, pw);
   else
-    dot_block2<P, MR, NR, false>(a, wg, wu, K, out, pw);
+    dot_block2<P, MR, NR, false, PR>(a, wg, wu, K, out, pw);
   const float* og = out;
   const float* ou = out + MR * NR;
   GROVE_SIMD_UNROLL
@@ -291,6 +298,40 @@ void gate_up_block(const typename P::a_type* const* a, const typename P::w_type*
       g[r][c0 + c] = og[r * NR + c];
       u[r][c0 + c] = ou[r * NR + c];
     }
+}
+
+/// What the row blocks of one gate/up panel share.
+template <class P>
+struct gate_up_panel {
+  const typename P::a_type* const* a;
+  const typename P::w_type* const* wg;
+  const typename P::w_type* const* wu;
+  const char* const* next_rows;
+  bool more;
+  index row_bytes;
+  int blocks;
+  index iterations, hidden;
+  int valid, c0;
+};
+
+/// Every row block of one panel of NW columns (NW = NR, or the narrow tail panel), whose row
+/// blocks prefetch, between them, the next panel of NR columns (2·NR rows of gate and up).
+template <class P, int MR, int NW, int NR>
+void gate_up_row_blocks(const gate_up_panel<P>& p, int rows, float (*g)[max_tile_cols], float (*u)[max_tile_cols]) {
+  int r0 = 0, block = 0;
+  for (; r0 + MR <= rows; r0 += MR, ++block) {
+    const prefetch_window pw = p.more ? share_of(p.next_rows, 2 * NR, p.row_bytes, block, p.blocks, p.iterations)
+                                      : prefetch_window{p.next_rows, 0, 0, 0};
+    gate_up_block<P, MR, NW, NR>(p.a + r0, p.wg, p.wu, pw, p.hidden, p.valid, g + r0, u + r0, p.c0);
+  }
+  const prefetch_window pw = p.more ? share_of(p.next_rows, 2 * NR, p.row_bytes, block, p.blocks, p.iterations)
+                                    : prefetch_window{p.next_rows, 0, 0, 0};
+  switch (rows - r0) {
+    case 3: gate_up_block<P, MR >= 4 ? 3 : 1, NW, NR>(p.a + r0, p.wg, p.wu, pw, p.hidden, p.valid, g + r0, u + r0, p.c0); break;
+    case 2: gate_up_block<P, MR >= 3 ? 2 : 1, NW, NR>(p.a + r0, p.wg, p.wu, pw, p.hidden, p.valid, g + r0, u + r0, p.c0); break;
+    case 1: gate_up_block<P, 1, NW, NR>(p.a + r0, p.wg, p.wu, pw, p.hidden, p.valid, g + r0, u + r0, p.c0); break;
+    default: break;
+  }
 }
 
 /// A gate/up tile with panels of NR columns: for each panel (its weight rows read from memory
@@ -341,20 +382,11 @@ void gate_up_panels(const Pass& pass, const detail::expert_item<typename P::w_ty
       more = true;
     }
     const int valid = width - c0 < NR ? width - c0 : NR;
-    int r0 = 0, block = 0;
-    for (; r0 + MR <= rows; r0 += MR, ++block) {
-      const prefetch_window pw = more ? share_of(next_rows, 2 * NR, row_bytes, block, blocks, iterations)
-                                      : prefetch_window{next_rows, 0, 0, 0};
-      gate_up_block<P, MR, NR>(a + r0, wg, wu, pw, H, valid, g + r0, u + r0, c0);
-    }
-    const prefetch_window pw = more ? share_of(next_rows, 2 * NR, row_bytes, block, blocks, iterations)
-                                    : prefetch_window{next_rows, 0, 0, 0};
-    switch (rows - r0) {
-      case 3: gate_up_block<P, MR >= 4 ? 3 : 1, NR>(a + r0, wg, wu, pw, H, valid, g + r0, u + r0, c0); break;
-      case 2: gate_up_block<P, MR >= 3 ? 2 : 1, NR>(a + r0, wg, wu, pw, H, valid, g + r0, u + r0, c0); break;
-      case 1: gate_up_block<P, 1, NR>(a + r0, wg, wu, pw, H, valid, g + r0, u + r0, c0); break;
-      default: break;
-    }
+    const gate_up_panel<P> panel{a, wg, wu, next_rows, more, row_bytes, blocks, iterations, H, valid, c0};
+    if (NR > gate_up_tail_cols && valid <= gate_up_tail_cols)
+      gate_up_row_blocks<P, MR, (NR > gate_up_tail_cols ? gate_up_tail_cols : NR), NR>(panel, rows, g, u);
+    else
+      gate_up_row_blocks<P, MR, NR, NR>(panel, rows, g, u);
     GROVE_SIMD_UNROLL
     for (int c = 0; c < NR; ++c) {
       wg[c] = ng[c];
@@ -395,17 +427,29 @@ void gate_up_tile(const Pass& pass, const detail::gate_up_tile& tile, const deta
 
 /// One row block of a down panel: dot_block, then the weighted scatter-add y[token] += w · out
 /// (one add per element per item).
-template <class P, int MR, int NR>
+template <class P, int MR, int NR, int PR = NR>
 void down_block(const typename P::a_type* const* a, const typename P::w_type* const* w, const prefetch_window& pw,
                 index K, int valid, float* const* y, const float* weight, index c0) {
   float out[MR * NR];
   if (pw.begin < pw.end)
-    dot_block<P, MR, NR, true>(a, w, K, out, pw);
+    dot_block<P, MR, NR, true, PR>(a, w, K, out, pw);
   else
-    dot_block<P, MR, NR, false>(a, w, K, out, pw);
+    dot_block<P, MR, NR, false, PR>(a, w, K, out, pw);
   GROVE_SIMD_UNROLL
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < valid; ++c) y[r][c0 + c] = fbatch::fmadd_scalar(weight[r], out[r * NR + c], y[r][c0 + c]);
+}
+
+/// down_block for a row block of mr ≤ MR rows, in a panel of NW columns (NR, or the narrow tail).
+template <class P, int MR, int NW, int NR>
+void down_rows(int mr, const typename P::a_type* const* a, const typename P::w_type* const* w,
+               const prefetch_window& pw, index K, int valid, float* const* y, const float* weight, index c0) {
+  switch (mr) {
+    case 4: down_block<P, MR >= 4 ? 4 : 1, NW, NR>(a, w, pw, K, valid, y, weight, c0); break;
+    case 3: down_block<P, MR >= 3 ? 3 : 1, NW, NR>(a, w, pw, K, valid, y, weight, c0); break;
+    case 2: down_block<P, MR >= 2 ? 2 : 1, NW, NR>(a, w, pw, K, valid, y, weight, c0); break;
+    default: down_block<P, 1, NW, NR>(a, w, pw, K, valid, y, weight, c0); break;
+  }
 }
 
 /// An item's rows against y's columns [c_begin, c_end), in panels of NR down-projection rows,
@@ -455,12 +499,10 @@ void down_panels(const Pass& pass, const detail::expert_item<typename P::w_type>
       const int block = static_cast<int>(r0 / MR);
       const prefetch_window pw = more ? share_of(next_rows, NR, prefetch_row_bytes, block, blocks, iterations)
                                       : prefetch_window{next_rows, 0, 0, 0};
-      switch (mr) {
-        case 4: down_block<P, MR >= 4 ? 4 : 1, NR>(a, w, pw, K, valid, out, weight, c0 - c_begin); break;
-        case 3: down_block<P, MR >= 3 ? 3 : 1, NR>(a, w, pw, K, valid, out, weight, c0 - c_begin); break;
-        case 2: down_block<P, MR >= 2 ? 2 : 1, NR>(a, w, pw, K, valid, out, weight, c0 - c_begin); break;
-        default: down_block<P, 1, NR>(a, w, pw, K, valid, out, weight, c0 - c_begin); break;
-      }
+      if (NR > down_tail_cols && valid <= down_tail_cols)
+        down_rows<P, MR, (NR > down_tail_cols ? down_tail_cols : NR), NR>(mr, a, w, pw, K, valid, out, weight, c0 - c_begin);
+      else
+        down_rows<P, MR, NR, NR>(mr, a, w, pw, K, valid, out, weight, c0 - c_begin);
     }
     GROVE_SIMD_UNROLL
     for (int c = 0; c < NR; ++c) w[c] = next[c];
