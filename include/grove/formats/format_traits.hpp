@@ -4,6 +4,7 @@
 // what it computes with and how one value is converted in and out. Conversions into BF16 use
 // grove's one rounding rule (formats/bf16.hpp).
 
+#include <cstddef>
 #include <string>
 #include <type_traits>
 
@@ -62,6 +63,13 @@ decltype(auto) visit_format(weight_format format, Fn&& fn) {
 /// The activation type that goes with a weight type: BF16 weights run on fp32 activations.
 template <weight_storage Weight>
 using activation_t = typename format_traits<std::remove_const_t<Weight>>::activation;
+
+/// to[i] = from[i] widened to `To` for n values of any format (the fp32 routing copy of a BF16
+/// router and bias, wherever it is made).
+template <class To, weight_storage From>
+void widen(const From* from, std::size_t n, To* to) {
+  for (std::size_t i = 0; i < n; ++i) to[i] = static_cast<To>(format_traits<From>::to_float(from[i]));
+}
 
 static_assert(info_of<bf16>().bits == 8 * sizeof(bf16), "GROVE_FORMAT_TABLE_BITS_MUST_MATCH_THE_STORAGE_TYPES");
 

@@ -162,13 +162,9 @@ class layer {
       detail::require(weights.router().data() != nullptr, "grove: missing tensor 'gate.weight' in layer weights");
       const auto router_size = static_cast<std::size_t>(d.experts * d.hidden);
       auto copy = std::make_shared<std::vector<scalar>>(router_size + static_cast<std::size_t>(d.experts), scalar(0));
-      const weight_type* router = weights.router().data();
-      for (std::size_t i = 0; i < router_size; ++i)
-        (*copy)[i] = static_cast<scalar>(format_traits<weight_type>::to_float(router[i]));
+      widen(weights.router().data(), router_size, copy->data());
       if (weights.bias() != nullptr)
-        for (index e = 0; e < d.experts; ++e)
-          (*copy)[router_size + static_cast<std::size_t>(e)] =
-              static_cast<scalar>(format_traits<weight_type>::to_float(weights.bias()[e]));
+        widen(weights.bias(), static_cast<std::size_t>(d.experts), copy->data() + router_size);
       routing_copy_ = copy;
       weights_view<scalar> routing(d);
       routing.set_router(copy->data());

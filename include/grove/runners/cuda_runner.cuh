@@ -27,8 +27,8 @@
 #pragma nv_diag_suppress 550
 #endif
 #include "grove/cuda/plan_layout.cuh"
-#include "grove/kernels/cpu/backward_inputs.hpp"
-#include "grove/kernels/cpu/batch_shapes.hpp"
+#include "grove/plan/backward_inputs.hpp"
+#include "grove/plan/batch_shapes.hpp"
 #include "grove/runners/runner.hpp"
 #if defined(__NVCC__)
 #pragma nv_diagnostic pop

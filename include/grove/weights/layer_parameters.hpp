@@ -65,10 +65,7 @@ class layer_parameters {
     std::size_t at = 0;
     weights.for_each_tensor([&](const tensor_info& info, const From* const& p) {
       if (info.role == tensor_role::selection_bias) {
-        if (p != nullptr)
-          for (index e = 0; e < info.rows; ++e)
-            out.bias_[static_cast<std::size_t>(e)] =
-                static_cast<routing_scalar>(format_traits<From>::to_float(p[e]));
+        if (p != nullptr) widen(p, static_cast<std::size_t>(info.rows), out.bias_.data());
         return;
       }
       for (index i = 0; i < info.size(); ++i)
@@ -107,9 +104,8 @@ class layer_parameters {
   /// nothing to do for a format without one.
   void refresh_routing() {
     if constexpr (has_routing_copy) {
-      const Storage* router = values_.data();  // the router is the first tensor in checkpoint order
-      for (std::size_t i = 0; i < router_.size(); ++i)
-        router_[i] = static_cast<float>(format_traits<Storage>::to_float(router[i]));
+      // The router is the first tensor in checkpoint order.
+      widen(static_cast<const Storage*>(values_.data()), router_.size(), router_.data());
     }
   }
 

@@ -9,7 +9,7 @@
 #include "grove/weights/layer_weights.hpp"
 #include "grove/weights/swiglu.hpp"
 #include "grove/weights/tensor_types.hpp"
-#include "grove/kernels/cpu/batch_shapes.hpp"
+#include "grove/plan/batch_shapes.hpp"
 #include "grove/kernels/cpu/swiglu_batch.hpp"
 #include "grove/plan/routing_plan.hpp"
 

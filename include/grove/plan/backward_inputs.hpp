@@ -3,7 +3,7 @@
 #include "grove/config/layer_dims.hpp"
 #include "grove/error.hpp"
 #include "grove/weights/tensor_types.hpp"
-#include "grove/kernels/cpu/batch_shapes.hpp"
+#include "grove/plan/batch_shapes.hpp"
 #include "grove/plan/saved_activations.hpp"
 #include "grove/plan/routing_plan.hpp"
 

@@ -9,7 +9,7 @@
 GROVE_BEGIN_NAMESPACE
 namespace detail {
 
-/// The check every CPU expert pass makes before touching memory: the plan belongs to a layer of
+/// The check every expert pass (CPU and CUDA runners) makes before touching memory: the plan belongs to a layer of
 /// these dims, and the [rows, cols] block called `what` ("input x", "output y", ...) is [T, H].
 /// One place for the message, so every kernel reports a bad shape the same way.
 template <class Scalar>
