@@ -876,7 +876,9 @@ TEST_CASE("cli: sizes that overflow, and numbers out of range, are errors with a
       {upcycle("--groups 99999999999999999999 --adjugate-size 2"), "--groups"},
       {upcycle("--groups 4 --adjugate-size 2 --seed -1"), "--seed"},
       {upcycle("--groups 4 --adjugate-size 18446744073709551616"), "--adjugate-size"}};
-  for (const auto& [r, option] : usage_errors) {
+  for (const auto& usage_error : usage_errors) {
+    const cli_result& r = usage_error.first;  // not a structured binding: clang 14 cannot capture one
+    const std::string& option = usage_error.second;
     INFO(r.err);
     CHECK(r.code == 2);
     CHECK(r.err.rfind("grove: usage: " + option, 0) == 0);
