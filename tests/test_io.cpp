@@ -1116,3 +1116,26 @@ TEST_CASE("io: files are written through an exclusive temporary beside them, nev
                        Contains("no-such-dir/out.safetensors"), grove::error);
   CHECK(!fs::exists(dir / "no-such-dir"));
 }
+
+TEST_CASE("io: the opt-in check of a forward's results names the first token that is not finite") {
+  grove::routing_plan<float> plan;
+  plan.logits = grove::row_matrix<float>::Constant(3, 4, 1.0f);
+  plan.topk_weights = grove::row_matrix<float>::Constant(3, 2, 0.5f);
+  grove::row_matrix<float> y = grove::row_matrix<float>::Zero(3, 5);
+  CHECK_NOTHROW(grove::check_finite_output(plan, y));
+  CHECK(!grove::first_non_finite(y));
+  y(2, 1) = std::numeric_limits<float>::quiet_NaN();
+  y(1, 3) = std::numeric_limits<float>::infinity();
+  CHECK(grove::first_non_finite(y) == std::pair<grove::index, grove::index>{1, 3});
+  CHECK_THROWS_WITH_AS(grove::check_finite_output(plan, y),
+                       "grove: non-finite output: y holds inf at token 1, column 3 (the first token with a NaN or an "
+                       "infinity)",
+                       grove::error);
+  y.setZero();
+  plan.topk_weights(0, 1) = std::numeric_limits<float>::quiet_NaN();
+  CHECK_THROWS_WITH_AS(grove::check_finite_output(plan, y), Contains("topk_weights holds nan at token 0, column 1"),
+                       grove::error);
+  plan.logits(2, 0) = -std::numeric_limits<float>::infinity();
+  CHECK_THROWS_WITH_AS(grove::check_finite_rows(plan.logits, "router_logits"),
+                       Contains("router_logits holds -inf at token 2, column 0"), grove::error);
+}
