@@ -11,6 +11,8 @@
 #   GROVE_SANITIZE           e.g. address,undefined
 #   GROVE_WERROR             ON: warnings are errors
 #   GROVE_BUILD_BENCHMARKS, GROVE_CONSUMER_TESTS, GROVE_HEADER_CHECK, GROVE_TSAN_TEST   ON (default) or OFF
+#   GROVE_FUZZ               ON: also build the libFuzzer harnesses (clang++ only) and run each
+#                            for GROVE_FUZZ_SECONDS (default 60) as tests; default OFF
 #   GROVE_CUDA, GROVE_NATIVE, GROVE_FETCH_DEPENDENCIES  passed on to CMake when set
 #   (the options are described in docs/install.md)
 #   GROVE_JOBS               parallel build and test jobs (default 2)
@@ -35,6 +37,8 @@ args=(
   "-DGROVE_CONSUMER_TESTS=${GROVE_CONSUMER_TESTS:-ON}"
   "-DGROVE_HEADER_CHECK=${GROVE_HEADER_CHECK:-ON}"
   "-DGROVE_TSAN_TEST=${GROVE_TSAN_TEST:-ON}"
+  "-DGROVE_FUZZ=${GROVE_FUZZ:-OFF}"
+  "-DGROVE_FUZZ_SECONDS=${GROVE_FUZZ_SECONDS:-60}"
 )
 if [[ -n "$sanitize" ]]; then
   # Sanitized code at -O1: fast enough to run, still close to what the optimizer does.

@@ -797,3 +797,267 @@ TEST_CASE("cli: upcycle turns a plain MoE layer into a Grove layer with the same
   CHECK(contains(twice.err, "already has adjugate experts"));
   CHECK(!fs::exists(dir / "x.safetensors"));
 }
+
+// ---- hostile and huge inputs ----
+
+TEST_CASE("cli: JSON nested a million levels deep gives a message, not a crash") {
+  temp_dir dir;
+  const ref_layer L = make_layer(71, true, false);
+  write_layer(dir / "w.safetensors", L, "m", io::dtype::f32);
+  write_input(dir / "in.safetensors", make_input(72, 2, L.H), 2, L.H, io::dtype::f32);
+  const std::string deep = std::string(1'000'000, '[') + std::string(1'000'000, ']');
+  {
+    const std::string header = R"({"x":{"dtype":"F32","shape":)" + deep + R"(,"data_offsets":[0,0]}})";
+    std::string bytes(8, '\0');
+    for (int i = 0; i < 8; ++i) bytes[static_cast<std::size_t>(i)] = static_cast<char>((header.size() >> (8 * i)) & 0xFF);
+    std::ofstream(dir / "deep.safetensors", std::ios::binary) << bytes << header;
+    std::ofstream(dir / "config.json") << R"({"num_experts_per_tok":)" << deep << "}";
+  }
+  const std::string out = dir / "out.safetensors";
+  // A header is read by events: its nesting is refused at the first level no header has
+  // (a "shape" holding arrays); config.json is scanned for depth before it is parsed.
+  for (const std::string& args :
+       {"info --weights '" + dir / "deep.safetensors" + "' --prefix m",
+        "run --weights '" + dir / "deep.safetensors" + "' --prefix m --input '" + dir / "in.safetensors" + "' --output '" + out + "'",
+        "run --weights '" + dir / "w.safetensors" + "' --prefix m --input '" + dir / "deep.safetensors" + "' --output '" + out + "'",
+        "run --weights '" + dir / "w.safetensors" + "' --prefix m --input '" + dir / "in.safetensors" + "' --output '" + out +
+            "' --config '" + dir / "config.json" + "'",
+        "info --weights '" + dir / "w.safetensors" + "' --prefix m --config '" + dir / "config.json" + "'"}) {
+    const auto r = grove_cli(dir, args);
+    INFO(args.substr(0, 120), r.err.substr(0, 400));
+    CHECK(r.code == 1);
+    CHECK(r.err.rfind("grove: ", 0) == 0);
+    CHECK((contains(r.err, "config.json' nests arrays and objects deeper than 64 levels") ||
+           contains(r.err, "deep.safetensors': tensor 'x': \"shape\" holds a non-integer (an array)")));
+    CHECK(r.err.size() < 600);
+    CHECK(!fs::exists(out));
+  }
+}
+
+TEST_CASE("cli: sizes that overflow, and numbers out of range, are errors with a message") {
+  temp_dir dir;
+  const ref_layer L = make_layer(73, true, false);
+  {
+    io::safetensors_writer w;
+    add_layer_tensors(w, L, "m", io::dtype::f32, /*adjugates=*/false);
+    w.write(dir / "plain.safetensors");
+  }
+  write_layer(dir / "w.safetensors", L, "m", io::dtype::f32);
+  write_input(dir / "in.safetensors", make_input(74, 2, L.H), 2, L.H, io::dtype::f32);
+  const std::string out = dir / "out.safetensors";
+  auto upcycle = [&](const std::string& extra) {
+    return grove_cli(dir, "upcycle --weights '" + dir / "plain.safetensors" + "' --prefix m --out '" + out + "' " + extra);
+  };
+  auto run = [&](const std::string& extra) {
+    return grove_cli(dir, "run --weights '" + dir / "w.safetensors" + "' --prefix m --input '" + dir / "in.safetensors" +
+                              "' --output '" + out + "' " + extra);
+  };
+  {
+    // G · 3 · H · Ia wrapped 64 bits in 0.1, and the write ran past a heap buffer.
+    const auto r = upcycle("--groups 1 --adjugate-size 1537228672809129302");
+    INFO(r.err);
+    CHECK(r.code == 1);
+    CHECK(contains(r.err, "grove: adjugate intermediate size Ia = 1537228672809129302 is too large"));
+    CHECK(!fs::exists(out));
+  }
+  {
+    // In the type's range, but no size: exit 1. (A size that fits but asks for terabytes,
+    // --adjugate-size 2147483647, is the caller's request: "out of memory", or an abort under
+    // AddressSanitizer, which does not throw bad_alloc; not tested here.)
+    const auto r = upcycle("--groups 4 --adjugate-size -5");
+    INFO(r.err);
+    CHECK(r.code == 1);
+    CHECK(contains(r.err, "grove: adjugate intermediate size Ia must be positive, got -5"));
+    CHECK(!fs::exists(out));
+  }
+  // Out of the option's type: usage errors (exit 2) naming the option and the range.
+  const std::vector<std::pair<cli_result, std::string>> usage_errors{
+      {run("--top-k 99999999999999999999"), "--top-k"},
+      {run("--top-k -99999999999999999999"), "--top-k"},
+      {run("--scale 1e400"), "--scale"},
+      {run("--threads 99999999999999999999"), "--threads"},
+      {upcycle("--groups 99999999999999999999 --adjugate-size 2"), "--groups"},
+      {upcycle("--groups 4 --adjugate-size 2 --seed -1"), "--seed"},
+      {upcycle("--groups 4 --adjugate-size 18446744073709551616"), "--adjugate-size"}};
+  for (const auto& usage_error : usage_errors) {
+    const cli_result& r = usage_error.first;  // not a structured binding: clang 14 cannot capture one
+    const std::string& option = usage_error.second;
+    INFO(r.err);
+    CHECK(r.code == 2);
+    CHECK(r.err.rfind("grove: usage: " + option, 0) == 0);
+    CHECK(!fs::exists(out));
+  }
+  CHECK(contains(run("--top-k 99999999999999999999").err,
+                 "99999999999999999999 is out of range (an integer from -9223372036854775808 to 9223372036854775807)"));
+  // Decimal, whatever the leading zeros: 010 is k = 10, not octal 8.
+  {
+    const auto r = run("--top-k 010");
+    INFO(r.err, r.out);
+    CHECK(r.code == 0);
+    CHECK(contains(r.out, "(k = 10 from command line"));
+  }
+}
+
+TEST_CASE("cli: an output that is one of the inputs is refused, through links too") {
+  temp_dir dir;
+  const ref_layer L = make_layer(75, true, false);
+  write_layer(dir / "w.safetensors", L, "m", io::dtype::f32);
+  write_input(dir / "in.safetensors", make_input(76, 3, L.H), 3, L.H, io::dtype::f32);
+  std::ofstream(dir / "config.json") << R"({"num_experts_per_tok": 4})";
+  {
+    io::safetensors_writer w;
+    add_layer_tensors(w, L, "m", io::dtype::f32, /*adjugates=*/false);
+    w.write(dir / "plain.safetensors");
+  }
+  // A sharded copy: the layer in one shard, the index beside it.
+  fs::create_directory(dir / "ckpt");
+  fs::copy_file(dir / "w.safetensors", dir / "ckpt/model-00001-of-00001.safetensors");
+  {
+    std::string index = R"({"weight_map":{)";
+    bool comma = false;
+    const io::safetensors_reader layer_file(dir / "w.safetensors");
+    for (const auto& e : layer_file.tensors()) {
+      index += (comma ? ",\"" : "\"") + e.name + R"(":"model-00001-of-00001.safetensors")";
+      comma = true;
+    }
+    std::ofstream(dir / "ckpt/model.safetensors.index.json") << index << "}}";
+  }
+  fs::create_hard_link(dir / "w.safetensors", dir / "hard-w.safetensors");
+  fs::create_symlink(dir / "in.safetensors", dir / "link-in.safetensors");
+  fs::create_hard_link(dir / "plain.safetensors", dir / "hard-plain.safetensors");
+  fs::create_symlink(dir / "plain.safetensors", dir / "link-plain.safetensors");
+  const std::string before_w = slurp(dir / "w.safetensors"), before_in = slurp(dir / "in.safetensors"),
+                    before_plain = slurp(dir / "plain.safetensors"),
+                    before_shard = slurp(dir / "ckpt/model-00001-of-00001.safetensors"),
+                    before_config = slurp(dir / "config.json");
+
+  auto run = [&](const std::string& weights, const std::string& output) {
+    return grove_cli(dir, "run --weights '" + weights + "' --prefix m --input '" + dir / "in.safetensors" + "' --output '" +
+                              output + "' --config '" + dir / "config.json" + "'");
+  };
+  auto refused = [&](const cli_result& r, const std::string& what) {
+    INFO(r.err);
+    CHECK(r.code == 1);
+    CHECK(contains(r.err, "is the same file as " + what));
+    CHECK(contains(r.err, "writing it would destroy that input"));
+  };
+  refused(run(dir / "w.safetensors", dir / "in.safetensors"), "the input (--input)");
+  refused(run(dir / "w.safetensors", dir / "w.safetensors"), "the checkpoint (--weights)");
+  refused(run(dir / "w.safetensors", dir / "hard-w.safetensors"), "the checkpoint (--weights)");
+  refused(run(dir / "w.safetensors", dir / "link-in.safetensors"), "the input (--input)");
+  refused(run(dir / "w.safetensors", dir / "config.json"), "the config (--config)");
+  refused(run(dir / "ckpt", dir / "ckpt/model-00001-of-00001.safetensors"), "a file of the checkpoint (--weights)");
+  refused(run(dir / "ckpt", dir / "ckpt/model.safetensors.index.json"), "a file of the checkpoint (--weights)");
+  refused(run(dir / "ckpt", dir / "ckpt/./model-00001-of-00001.safetensors"), "a file of the checkpoint (--weights)");
+  auto upcycle = [&](const std::string& output) {
+    return grove_cli(dir, "upcycle --weights '" + dir / "plain.safetensors" + "' --prefix m --groups 4 --adjugate-size 2 --out '" +
+                              output + "'");
+  };
+  refused(upcycle(dir / "plain.safetensors"), "the checkpoint (--weights)");
+  refused(upcycle(dir / "hard-plain.safetensors"), "the checkpoint (--weights)");
+  refused(upcycle(dir / "link-plain.safetensors"), "the checkpoint (--weights)");
+
+  CHECK(slurp(dir / "w.safetensors") == before_w);
+  CHECK(slurp(dir / "in.safetensors") == before_in);
+  CHECK(slurp(dir / "plain.safetensors") == before_plain);
+  CHECK(slurp(dir / "ckpt/model-00001-of-00001.safetensors") == before_shard);
+  CHECK(slurp(dir / "config.json") == before_config);
+  CHECK(fs::is_symlink(dir / "link-in.safetensors"));
+
+  // A new output beside them is fine, and the summary quotes it as the docs show.
+  const auto ok = run(dir / "ckpt", dir / "out.safetensors");
+  INFO(ok.err);
+  CHECK(ok.code == 0);
+  CHECK(ok.out.rfind("grove: wrote '" + dir / "out.safetensors" + "': y [3, 24]", 0) == 0);
+  const auto up = upcycle(dir / "up.safetensors");
+  CHECK(up.code == 0);
+  CHECK(up.out.rfind("grove: wrote '" + dir / "up.safetensors" + "': Grove layer 'm'", 0) == 0);
+}
+
+TEST_CASE("cli: a link planted at the old temporary name is not followed") {
+  temp_dir dir;
+  const ref_layer L = make_layer(77, true, false);
+  write_layer(dir / "w.safetensors", L, "m", io::dtype::f32);
+  write_input(dir / "in.safetensors", make_input(78, 2, L.H), 2, L.H, io::dtype::f32);
+  std::ofstream(dir / "victim") << "precious";
+  const std::string out = dir / "out.safetensors";
+  fs::create_symlink(dir / "victim", out + ".grove-partial");
+  const auto r = grove_cli(dir, "run --weights '" + dir / "w.safetensors" + "' --prefix m --input '" + dir / "in.safetensors" +
+                                    "' --output '" + out + "' --top-k 4");
+  INFO(r.err);
+  CHECK(r.code == 0);
+  CHECK(slurp(dir / "victim") == "precious");
+  CHECK(io::safetensors_reader(out).contains("y"));
+  int temporaries = 0;
+  for (const auto& entry : fs::directory_iterator(dir.path()))
+    temporaries += entry.path().filename().string().find(".grove-partial") != std::string::npos;
+  CHECK(temporaries == 1);  // the planted link, untouched
+}
+
+TEST_CASE("cli: non-finite outputs from finite inputs are an error naming the first token") {
+  temp_dir dir;
+  const ref_layer L = make_layer(79, true, false);
+  write_layer(dir / "w.safetensors", L, "m", io::dtype::f32);
+  std::vector<float> x = make_input(80, 4, L.H);
+  write_input(dir / "in.safetensors", x, 4, L.H, io::dtype::f32);
+  std::fill(x.begin() + 2 * L.H, x.begin() + 3 * L.H, 3e38f);  // token 2: finite, near the largest float
+  write_input(dir / "huge.safetensors", x, 4, L.H, io::dtype::f32);
+  const std::string out = dir / "out.safetensors";
+  auto run = [&](const std::string& input, const std::string& extra) {
+    return grove_cli(dir, "run --weights '" + dir / "w.safetensors" + "' --prefix m --input '" + input + "' --output '" +
+                              out + "' --top-k 4 " + extra);
+  };
+  // The router refuses a NaN logit itself; an infinite one gets as far as the outputs' check.
+  // Either way the message names token 2.
+  for (const char* dtype : {"f32", "bf16"}) {
+    const auto r = run(dir / "huge.safetensors", std::string("--dtype ") + dtype);
+    INFO(r.err);
+    CHECK(r.code == 1);
+    CHECK((contains(r.err, "grove: router logit of token 2 ") ||
+           (r.err.rfind("grove: non-finite output: ", 0) == 0 && contains(r.err, "at token 2, column") &&
+            contains(r.err, "although 'x' in '" + dir / "huge.safetensors" + "' and the weights are finite") &&
+            contains(r.err, "largest |x| = 3e+38"))));
+    CHECK(!fs::exists(out));
+  }
+  {
+    const auto r = run(dir / "in.safetensors", "--scale 1e308");
+    INFO(r.err);
+    CHECK(r.code == 1);
+    CHECK(contains(r.err, "grove: non-finite output: y holds"));
+    CHECK(contains(r.err, "at token 0, column"));
+    CHECK(contains(r.err, "lambda = 1e+308"));
+    CHECK(!fs::exists(out));
+  }
+  {
+    std::vector<float> dy(static_cast<std::size_t>(4 * L.H), 1.0f);
+    io::safetensors_writer w;
+    w.add("x", {4, L.H}, make_input(80, 4, L.H));
+    w.add("dy", {4, L.H}, dy);
+    w.write(dir / "huge-dy.safetensors");
+    const auto r = run(dir / "huge-dy.safetensors", "--backward --scale 1e308");
+    INFO(r.err);
+    CHECK(r.code == 1);
+    CHECK(contains(r.err, "grove: non-finite output: y holds"));
+    CHECK(!fs::exists(out));
+  }
+}
+
+TEST_CASE("cli: error messages quote a bounded excerpt of what a file holds") {
+  temp_dir dir;
+  const std::string name(1 << 20, 'w');
+  {
+    io::safetensors_writer w;
+    w.add(name, {2}, std::vector<float>{1, 2});
+    w.write(dir / "names.safetensors");
+  }
+  std::ofstream(dir / "config.json") << R"({"small_experts_weight": ")" << name << "\"}";
+  const auto r = grove_cli(dir, "info --weights '" + dir / "names.safetensors" + "' --prefix " + name.substr(0, 100));
+  INFO(r.err.substr(0, 400));
+  CHECK(r.code == 1);
+  CHECK(r.err.size() < 1000);
+  const auto c = grove_cli(dir, "info --weights '" + dir / "names.safetensors" + "' --prefix m --config '" + dir / "config.json" + "'");
+  INFO(c.err.substr(0, 400));
+  CHECK(c.code == 1);
+  CHECK(contains(c.err, "\"small_experts_weight\" must be a finite number >= 0, got \"wwww"));
+  CHECK(c.err.size() < 1000);
+}

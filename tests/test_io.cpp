@@ -14,6 +14,7 @@
 #include <fstream>
 #include <limits>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <grove/io.hpp>
@@ -825,4 +826,316 @@ TEST_CASE("io: config.json fields, cross-checks and errors") {
   CHECK_THROWS_WITH_AS(read("{,}"), Contains("is not valid JSON"), grove::error);
   CHECK_THROWS_WITH_AS(read("[1]"), Contains("not a JSON object"), grove::error);
   CHECK_THROWS_WITH_AS((void)io::read_hf_config(dir / "missing.json"), Contains("missing.json' does not exist"), grove::error);
+}
+
+// ================================ hostile and huge inputs ================================
+
+namespace {
+
+/// `depth` nested arrays around a 0: "[[[0]]]".
+std::string nested_arrays(std::size_t depth) { return std::string(depth, '[') + "0" + std::string(depth, ']'); }
+
+/// The peak resident memory of this process in bytes since the last reset_peak_memory(), or -1
+/// where /proc does not say (then the memory checks are skipped).
+long long peak_memory() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
+  return -1;
+}
+/// Resets VmHWM to the current resident memory (Linux 4.0 and later); false where it cannot.
+bool reset_peak_memory() {
+  std::ofstream clear("/proc/self/clear_refs");
+  clear << "5";
+  clear.flush();
+  return clear.good();
+}
+
+}  // namespace
+
+TEST_CASE("io: JSON nested a million levels deep is refused before anything recursive runs") {
+  temp_dir dir;
+  const std::string deep = nested_arrays(1'000'000);
+  const fs::path p = dir / "deep.safetensors";
+  auto header_with = [&](const std::string& header) {
+    write_file(p, safetensors_bytes(header, std::string(8, '\0')));
+    return io::safetensors_reader(p);
+  };
+  // In "shape", in "data_offsets", in a field grove does not know, in "__metadata__", as a tensor.
+  for (const std::string& header :
+       {R"({"a":{"dtype":"F32","shape":)" + deep + R"(,"data_offsets":[0,0]}})",
+        R"({"a":{"dtype":"F32","shape":[2],"data_offsets":)" + deep + "}}",
+        R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"extra":)" + deep + "}}",
+        R"({"__metadata__":{"k":)" + deep + "}}", R"({"__metadata__":)" + deep + "}", R"({"a":)" + deep + "}",
+        deep}) {
+    try {
+      (void)header_with(header);
+      FAIL("a header nested a million levels deep opened");
+    } catch (const grove::error& e) {
+      const std::string message = e.what();
+      CHECK(message.find("deep.safetensors") != std::string::npos);
+      CHECK(message.size() < 600);  // no dump of the value
+    }
+  }
+  CHECK_THROWS_WITH_AS(header_with(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"extra":)" + deep + "}}"),
+                       Contains("nests arrays and objects deeper than 64 levels"), grove::error);
+  // A field grove does not know may nest up to the limit (64 levels in all).
+  const auto ok = header_with(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"extra":)" + nested_arrays(62) + "}}");
+  CHECK(ok.at("a").shape == io::tensor_shape{2});
+  CHECK_THROWS_WITH_AS(header_with(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"extra":)" + nested_arrays(63) + "}}"),
+                       Contains("deeper than 64 levels"), grove::error);
+
+  // config.json and the index are bounded before nlohmann parses them.
+  write_file(dir / "config.json", R"({"num_experts":)" + deep + "}");
+  CHECK_THROWS_WITH_AS((void)io::read_hf_config(dir / "config.json"),
+                       Contains("config.json' nests arrays and objects deeper than 64 levels (at byte 78)"), grove::error);
+  write_file(dir / "a.safetensors", safetensors_bytes(layer_tensors("m")));
+  write_file(dir / "model.safetensors.index.json", R"({"weight_map":{"m.gate.weight":)" + deep + "}}");
+  CHECK_THROWS_WITH_AS(io::checkpoint(dir.path()), Contains("index.json' nests arrays and objects deeper than 64 levels"),
+                       grove::error);
+  // Brackets inside strings do not count; escaped quotes do not end a string.
+  CHECK(grove::detail::json_too_deep_at(R"({"a":"[[[[\"[[[["})", 2) == std::string_view::npos);
+  CHECK(grove::detail::json_too_deep_at(R"({"a":"\\",[[]]})", 2) == 11);
+}
+
+TEST_CASE("io: a header of 200,000 tensors opens in one linear pass") {
+  // The callback parser of 0.1 rescanned the header object after every entry: 25,000 tensors
+  // took 15 s and 200,000 would take over an hour. Linear, this takes well under a second
+  // (docs/io.md gives the figures for 1,000,000).
+  temp_dir dir;
+  constexpr int count = 200'000;
+  std::string header = "{";
+  header.reserve(static_cast<std::size_t>(count) * 64);
+  for (int i = 0; i < count; ++i) {
+    if (i) header += ',';
+    header += "\"model.layers." + std::to_string(i) + ".w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[" +
+              std::to_string(4 * i) + "," + std::to_string(4 * i + 4) + "]}";
+  }
+  header += "}";
+  std::string data(4 * static_cast<std::size_t>(count), '\0');
+  std::memcpy(data.data() + 4 * 123'456, "\x00\x00\x80\x3F", 4);  // 1.0f
+  write_file(dir / "many.safetensors", safetensors_bytes(header, data));
+  const io::safetensors_reader r(dir / "many.safetensors");
+  REQUIRE(r.tensors().size() == count);
+  CHECK(r.tensors()[123'456].name == "model.layers.123456.w");
+  CHECK(r.read<float>("model.layers.123456.w").values == std::vector<float>{1.0f});
+  CHECK(r.at("model.layers.199999.w").begin == 4 * 199'999u);
+}
+
+TEST_CASE("io: error messages quote at most a bounded excerpt of what a file holds") {
+  temp_dir dir;
+  const std::string huge_name(1 << 20, 'n');
+  const fs::path p = dir / "names.safetensors";
+  auto message_of = [&](auto&& action) {
+    try {
+      action();
+    } catch (const grove::error& e) {
+      return std::string(e.what());
+    }
+    FAIL("no error");
+    return std::string();
+  };
+  auto open_header = [&](const std::string& header) {
+    return message_of([&] {
+      write_file(p, safetensors_bytes(header, std::string(8, '\0')));
+      (void)io::safetensors_reader(p);
+    });
+  };
+  for (const std::string& message :
+       {open_header("{\"" + huge_name + R"(":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})"),
+        open_header(R"({"a":{"dtype":")" + huge_name + R"(","shape":[3],"data_offsets":[0,8],"x":1}, "a":1})"),
+        open_header(R"({"a":{"dtype":"F32","shape":[)" + std::string(100'000, '1') + ",1],\"data_offsets\":[0,8]}}"),
+        open_header(R"({"a":{"dtype":"F32","shape":)" + std::string(1 << 20, ' ') + "\"" + huge_name + "\"}}"),
+        open_header(R"({"a":{"dtype":"F32","shape":[)" + std::string(50'000, '1') + "]}}"),
+        open_header("{\"a\": tru" + huge_name + "}")}) {
+    INFO(message.substr(0, 300));
+    CHECK(message.size() < 1000);
+    CHECK(message.find("names.safetensors") != std::string::npos);
+  }
+  CHECK(grove::detail::excerpt(huge_name).size() < 240);
+  CHECK(grove::detail::excerpt(huge_name).find("\u2026 (1048576 bytes)") != std::string::npos);
+  CHECK(grove::detail::excerpt("short") == "short");
+  CHECK(grove::detail::excerpt(std::string(300, '\xC3') + "", 201).size() <= 230);  // cut at a character boundary
+
+  // A shape of 100,000 dimensions in a message is cut too.
+  std::vector<std::int64_t> many(100'000, 1);
+  CHECK(grove::detail::shape_string(many).size() < 260);
+
+  write_file(dir / "a.safetensors", safetensors_bytes(layer_tensors("m")));
+  write_file(dir / "model.safetensors.index.json", R"({"weight_map":{")" + huge_name + R"(":")" + huge_name + "\"}}");
+  // Two names cut to 200 bytes, and the shard's path to 4096 (no real path is longer).
+  CHECK(message_of([&] { io::checkpoint(dir.path()); }).size() < 5000);
+  write_file(dir / "config.json", R"({"num_experts":[")" + huge_name + "\"]}");
+  const std::string config_message = message_of([&] { (void)io::read_hf_config(dir / "config.json"); });
+  CHECK(config_message.size() < 1000);
+  CHECK(config_message.find("\"num_experts\" must be a positive integer, got [\"nnnn") != std::string::npos);
+}
+
+TEST_CASE("io: layer sizes whose parameter counts overflow are refused, from the API and from a header") {
+  const grove::index big = std::numeric_limits<std::int32_t>::max();
+  CHECK_NOTHROW(grove::layer_dims{2048, 128, 64, 768, 128}.validate());
+  // E·3·H·I = 2^93 wraps 64 bits; G·3·H·Ia likewise; the sum of bounded parts too.
+  CHECK_THROWS_WITH_AS((grove::layer_dims{big, big, 1, big, 1}.validate()),
+                       Contains("the experts alone (E * 3 * H * I) would hold more than 2^60 parameters"), grove::error);
+  CHECK_THROWS_WITH_AS((grove::layer_dims{big, 1, 1, 1, big}.validate()), Contains("the adjugates alone"), grove::error);
+  CHECK_THROWS_WITH_AS((grove::layer_dims{1 << 30, 1 << 28, 1, 1, 1}.validate()), Contains("would hold more than 2^60"),
+                       grove::error);
+  CHECK_THROWS_WITH_AS((grove::layer_dims{24, 12, 1, 10, 1537228672809129302}.validate()),
+                       Contains("adjugate intermediate size Ia = 1537228672809129302 is too large"), grove::error);
+  CHECK_THROWS_WITH_AS((grove::layer_dims{std::int64_t{1} << 40, 4, 2, 3, 2}.validate()),
+                       Contains("hidden size H = 1099511627776 is too large"), grove::error);
+
+  // The same sizes claimed by a header (a dtype grove does not know, so no data backs them).
+  temp_dir dir;
+  auto claim = [&](std::int64_t hidden, std::int64_t experts, std::int64_t inter) {
+    std::string header = "{";
+    auto add = [&](const std::string& name, std::int64_t rows, std::int64_t cols) {
+      if (header.size() > 1) header += ",";
+      header += "\"m." + name + "\":{\"dtype\":\"Q4_FUTURE\",\"shape\":[" + std::to_string(rows) + "," +
+                std::to_string(cols) + "],\"data_offsets\":[0,0]}";
+    };
+    add("gate.weight", experts, hidden);
+    for (int e = 0; e < 4; ++e) {
+      const std::string p = "experts." + std::to_string(e) + ".";
+      add(p + "gate_proj.weight", inter, hidden);
+      add(p + "up_proj.weight", inter, hidden);
+      add(p + "down_proj.weight", hidden, inter);
+    }
+    add("chunk_experts.0.gate_proj.weight", 2, hidden);
+    add("chunk_experts.0.up_proj.weight", 2, hidden);
+    add("chunk_experts.0.down_proj.weight", hidden, 2);
+    header += "}";
+    write_file(dir / "claim.safetensors", safetensors_bytes(header, ""));
+    return io::checkpoint(dir / "claim.safetensors");
+  };
+  CHECK_THROWS_WITH_AS((void)io::infer_layer_dims(claim(big, 4, big), "m"),
+                       Contains("would hold more than 2^60 parameters"), grove::error);
+  CHECK_THROWS_WITH_AS((void)io::load_layer<float>(claim(big, 4, big), "m"), Contains("too large"), grove::error);
+  CHECK_THROWS_WITH_AS((void)io::load_layer<float>(claim(std::int64_t{1} << 40, 4, 3), "m"),
+                       Contains("hidden size H = 1099511627776 is too large"), grove::error);
+}
+
+TEST_CASE("io: upcycling checks shapes and dtypes from the headers before it allocates") {
+  temp_dir dir;
+  // A plain MoE layer of a few hundred bytes of header whose tensors claim sizes no data backs
+  // (a dtype grove does not know is not checked against the data when the file opens).
+  auto plain_claim = [&](std::int64_t hidden, std::int64_t inter, const std::string& dtype) {
+    std::string header = "{";
+    auto add = [&](const std::string& name, std::int64_t rows, std::int64_t cols) {
+      if (header.size() > 1) header += ",";
+      header += "\"m." + name + "\":{\"dtype\":\"" + dtype + "\",\"shape\":[" + std::to_string(rows) + "," +
+                std::to_string(cols) + "],\"data_offsets\":[0,0]}";
+    };
+    add("gate.weight", 4, hidden);
+    for (int e = 0; e < 4; ++e) add("experts." + std::to_string(e) + ".gate_proj.weight", inter, hidden);
+    header += "}";
+    write_file(dir / "plain.safetensors", safetensors_bytes(header, ""));
+    return io::checkpoint(dir / "plain.safetensors");
+  };
+  grove::upcycle_options options;
+  options.groups = 2;
+  options.adjugate_intermediate = 2;
+  // H = 2^20, I = 2^16: 3.3 TB of float. 0.1 allocated first (bad_alloc, or an abort under
+  // AddressSanitizer); now the dtype is refused from the header.
+  CHECK_THROWS_WITH_AS((void)io::upcycle_layer<float>(plain_claim(1 << 20, 1 << 16, "Q4_FUTURE"), "m", options),
+                       Contains("has unsupported dtype Q4_FUTURE"), grove::error);
+  // A width of 2^40 is refused by the sizes' own checks.
+  CHECK_THROWS_WITH_AS((void)io::upcycle_layer<float>(plain_claim(std::int64_t{1} << 40, 3, "Q4_FUTURE"), "m", options),
+                       Contains("hidden size H = 1099511627776 is too large"), grove::error);
+
+  // 256 MiB claimed: refused without the process growing (0.1 zero-filled it first).
+  if (!reset_peak_memory() || peak_memory() < 0) return;
+  const long long before = peak_memory();
+  CHECK_THROWS_WITH_AS((void)io::upcycle_layer<float>(plain_claim(1 << 13, 1 << 11, "Q4_FUTURE"), "m", options),
+                       Contains("unsupported dtype"), grove::error);
+  CHECK(peak_memory() - before < (64ll << 20));
+}
+
+TEST_CASE("io: files are written through an exclusive temporary beside them, never through a link") {
+  temp_dir dir;
+  const std::string out = dir / "out.safetensors";
+  auto writer_of = [](float value) {
+    io::safetensors_writer w;
+    w.add("x", {2}, std::vector<float>{value, value});
+    return w;
+  };
+  auto leftovers = [&] {
+    int n = 0;
+    for (const auto& entry : fs::directory_iterator(dir.path()))
+      n += entry.path().filename().string().find("grove-partial") != std::string::npos;
+    return n;
+  };
+
+  // A link planted at 0.1's predictable temporary name is neither followed nor used.
+  write_file(dir / "victim", "precious");
+  fs::create_symlink(dir / "victim", out + ".grove-partial");
+  writer_of(1.0f).write(out);
+  CHECK(read_file(dir / "victim") == "precious");
+  CHECK(fs::is_symlink(out + ".grove-partial"));
+  CHECK(io::safetensors_reader(out).read<float>("x").values == std::vector<float>{1.0f, 1.0f});
+  fs::remove(out + ".grove-partial");
+
+  // Two writers of one destination have temporaries of their own; the last rename wins whole.
+  {
+    grove::detail::output_file first(out), second(out);
+    CHECK(first.temporary() != second.temporary());
+    CHECK(first.temporary().parent_path() == dir.path());
+    CHECK(!fs::is_symlink(first.temporary()));
+    first.write("first", 5);
+    second.write("second", 6);
+    second.commit();
+    CHECK(read_file(out) == "second");
+    first.commit();
+    CHECK(read_file(out) == "first");
+  }
+  // Abandoned (an exception between creation and commit): the temporary goes, the destination stays.
+  {
+    grove::detail::output_file abandoned(out);
+    abandoned.write("half", 4);
+    CHECK(leftovers() == 1);
+  }
+  CHECK(leftovers() == 0);
+  CHECK(read_file(out) == "first");
+
+  // Writers racing on one destination: every result is one writer's whole file.
+  std::vector<std::thread> writers;
+  for (int w = 0; w < 4; ++w)
+    writers.emplace_back([&, w] {
+      const io::safetensors_writer writer = writer_of(static_cast<float>(w + 1));
+      for (int i = 0; i < 25; ++i) writer.write(out);
+    });
+  for (std::thread& t : writers) t.join();
+  const auto values = io::safetensors_reader(out).read<float>("x").values;
+  REQUIRE(values.size() == 2);
+  CHECK(values[0] == values[1]);
+  CHECK(leftovers() == 0);
+
+  // A destination that cannot be created: an error naming it, nothing left behind.
+  CHECK_THROWS_WITH_AS(writer_of(1.0f).write(dir.path() / "no-such-dir" / "out.safetensors"),
+                       Contains("no-such-dir/out.safetensors"), grove::error);
+  CHECK(!fs::exists(dir / "no-such-dir"));
+}
+
+TEST_CASE("io: the opt-in check of a forward's results names the first token that is not finite") {
+  grove::routing_plan<float> plan;
+  plan.logits = grove::row_matrix<float>::Constant(3, 4, 1.0f);
+  plan.topk_weights = grove::row_matrix<float>::Constant(3, 2, 0.5f);
+  grove::row_matrix<float> y = grove::row_matrix<float>::Zero(3, 5);
+  CHECK_NOTHROW(grove::check_finite_output(plan, y));
+  CHECK(!grove::first_non_finite(y));
+  y(2, 1) = std::numeric_limits<float>::quiet_NaN();
+  y(1, 3) = std::numeric_limits<float>::infinity();
+  CHECK(grove::first_non_finite(y) == std::pair<grove::index, grove::index>{1, 3});
+  CHECK_THROWS_WITH_AS(grove::check_finite_output(plan, y),
+                       "grove: non-finite output: y holds inf at token 1, column 3 (the first token with a NaN or an "
+                       "infinity)",
+                       grove::error);
+  y.setZero();
+  plan.topk_weights(0, 1) = std::numeric_limits<float>::quiet_NaN();
+  CHECK_THROWS_WITH_AS(grove::check_finite_output(plan, y), Contains("topk_weights holds nan at token 0, column 1"),
+                       grove::error);
+  plan.logits(2, 0) = -std::numeric_limits<float>::infinity();
+  CHECK_THROWS_WITH_AS(grove::check_finite_rows(plan.logits, "router_logits"),
+                       Contains("router_logits holds -inf at token 2, column 0"), grove::error);
 }

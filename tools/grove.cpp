@@ -9,6 +9,8 @@
 //
 // Errors print one line starting with "grove: " on stderr and exit with 1 (2 for usage errors).
 #include <algorithm>
+#include <cerrno>
+#include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -16,11 +18,13 @@
 #include <filesystem>
 #include <iomanip>
 #include <iostream>
+#include <limits>
 #include <new>
 #include <optional>
 #include <set>
 #include <sstream>
 #include <string>
+#include <system_error>
 #include <utility>
 #include <vector>
 
@@ -110,43 +114,105 @@ std::string format_double(double v) {
   return text;
 }
 
-std::string quoted(const std::filesystem::path& p) {
-  std::string s = "'";
-  s += p.string();
-  s += "'";
-  return s;
+/// "'path'". Not named `quoted`: for a std::string argument, argument-dependent lookup would
+/// find std::quoted, which writes "path" in double quotes.
+std::string in_quotes(const std::filesystem::path& p) { return grove::detail::quoted(p); }
+
+/// A CLI11 transform (a check that may rewrite the value) that the value is a decimal integer that fits T, naming the range otherwise
+/// (CLI11 itself clamps 99999999999999999999 to the largest long long, silently). The value is
+/// rewritten in plain decimal, so CLI11 converts exactly what was checked ("010" is 10, not
+/// octal 8).
+template <class T>
+CLI::Validator integer_in_range() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string {
+        const char* first = text.data();
+        const char* last = first + text.size();
+        if (first != last && *first == '+') ++first;  // from_chars takes no '+'
+        T value{};
+        const auto [end, ec] = std::from_chars(first, last, value);
+        const std::string range = "an integer from " + std::to_string(std::numeric_limits<T>::min()) + " to " +
+                                  std::to_string(std::numeric_limits<T>::max());
+        if (ec == std::errc::result_out_of_range) return grove::detail::excerpt(text) + " is out of range (" + range + ")";
+        if (ec != std::errc() || end != last) return grove::detail::excerpt(text) + " is not " + range;
+        text = std::to_string(value);
+        return {};
+      },
+      "INT");
 }
 
-std::string shape_text(const io::tensor_shape& shape) {
-  std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(shape[i]);
-  }
-  s += "]";
-  return s;
+/// A CLI11 check that a number does not overflow a double (CLI11 reads 1e400 as infinity).
+CLI::Validator double_in_range() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string {
+        errno = 0;
+        char* end = nullptr;
+        const double value = std::strtod(text.c_str(), &end);
+        if (end == text.c_str() || *end != '\0') return grove::detail::excerpt(text) + " is not a number";
+        if (errno == ERANGE && std::isinf(value))
+          return grove::detail::excerpt(text) + " is out of range (beyond the largest double, about 1.8e308)";
+        return {};
+      },
+      "NUMBER");
 }
+
 
 /// A floating [T, cols] tensor of the input file as float; throws naming the file and the shape.
 matrix read_rows(const io::safetensors_reader& in, const std::string& name, index cols) {
   const io::tensor_entry* e = in.find(name);
-  if (!e) throw grove::error("grove: input " + quoted(in.path()) + " has no tensor '" + name + "'");
+  if (!e) throw grove::error("grove: input " + in_quotes(in.path()) + " has no tensor '" + name + "'");
   const std::string expected = "[T, " + std::to_string(cols) + "]";
   if (e->shape.size() != 2 || e->shape[1] != cols)
-    throw grove::error("grove: tensor '" + name + "' in " + quoted(in.path()) + " has shape " +
-                       shape_text(e->shape) + " but the layer needs " + expected +
+    throw grove::error("grove: tensor '" + name + "' in " + in_quotes(in.path()) + " has shape " +
+                       grove::detail::shape_string(e->shape) + " but the layer needs " + expected +
                        " (H = " + std::to_string(cols) + ")");
   if (!io::is_floating(e->type))
-    throw grove::error("grove: tensor '" + name + "' in " + quoted(in.path()) + " has unsupported dtype " +
-                       e->dtype_name + " (use F32, BF16 or F16)");
+    throw grove::error("grove: tensor '" + name + "' in " + in_quotes(in.path()) + " has unsupported dtype " +
+                       grove::detail::excerpt(e->dtype_name) + " (use F32, BF16 or F16)");
   matrix m(static_cast<index>(e->shape[0]), cols);
   in.read_into(*e, std::span<float>(m.data(), static_cast<std::size_t>(m.size())));
   for (index i = 0; i < m.size(); ++i)
     if (!std::isfinite(m.data()[i]))
-      throw grove::error("grove: tensor '" + name + "' in " + quoted(in.path()) +
+      throw grove::error("grove: tensor '" + name + "' in " + in_quotes(in.path()) +
                          " holds a non-finite value at row " + std::to_string(i / cols) + ", column " +
                          std::to_string(i % cols));
   return m;
+}
+
+/// The files a checkpoint reads, each with how to name it in a message.
+std::vector<std::pair<std::filesystem::path, std::string>> checkpoint_inputs(const io::checkpoint& weights) {
+  std::vector<std::pair<std::filesystem::path, std::string>> out;
+  for (const std::filesystem::path& file : weights.files())
+    out.emplace_back(file, weights.sharded() ? "a file of the checkpoint (--weights)" : "the checkpoint (--weights)");
+  return out;
+}
+
+/// Refuses to write `output` when it is one of the files the command reads: writing renames a
+/// new file over it, which would destroy that input. The same file means the same device and
+/// inode after following links, so a hard link or a symlink to an input is refused too.
+void require_new_output(const std::filesystem::path& output, const char* option,
+                        const std::vector<std::pair<std::filesystem::path, std::string>>& inputs) {
+  for (const auto& [input, what] : inputs) {
+    std::error_code ec;  // set when either does not exist (a new output): not the same file
+    if (std::filesystem::equivalent(output, input, ec))
+      throw grove::error("grove: " + std::string(option) + " " + in_quotes(output) + " is the same file as " + what +
+                         " " + in_quotes(input) + "; writing it would destroy that input (choose another output)");
+  }
+}
+
+/// Every result of `grove run` must be finite: finite inputs (checked when read) and weights
+/// (checked when loaded) can still overflow float, e.g. x near 3e38 (router logits of inf, then
+/// NaN routing weights) or a huge lambda (an infinite y). Names the first token and says why.
+void require_finite_outputs(const grove::routing_plan<float>& plan, const matrix& y, const matrix& x,
+                            const io::safetensors_reader& in, double scale) {
+  try {
+    grove::check_finite_output(plan, y);
+  } catch (const grove::error& e) {
+    throw grove::error(std::string(e.what()) + ", although 'x' in " + in_quotes(in.path()) +
+                       " and the weights are finite: the layer overflowed float (largest |x| = " +
+                       format_double(static_cast<double>(x.cwiseAbs().maxCoeff())) + ", lambda = " +
+                       format_double(scale) + ")");
+  }
 }
 
 template <class Value>
@@ -189,6 +255,12 @@ int run_command(const run_options& o) {
   const double scale = routing.scale.value_or(o.scale);
 
   const io::checkpoint weights(o.weights);
+  {
+    auto inputs = checkpoint_inputs(weights);
+    inputs.emplace_back(o.input, "the input (--input)");
+    if (!o.config.empty()) inputs.emplace_back(o.config, "the config (--config)");
+    require_new_output(o.output, "--output", inputs);
+  }
   const grove::layer_dims dims = io::infer_layer_dims(weights, o.prefix);
   if (config) io::check_hf_config(*config, dims);
   cli_config layer_config(dims, top_k, scale);  // rejects k outside [1, E] and λ < 0 or not finite
@@ -203,7 +275,7 @@ int run_command(const run_options& o) {
   if (o.backward) {
     dy = read_rows(in, "dy", dims.hidden);
     if (dy->rows() != x.rows())
-      throw grove::error("grove: 'dy' in " + quoted(in.path()) + " has " + std::to_string(dy->rows()) +
+      throw grove::error("grove: 'dy' in " + in_quotes(in.path()) + " has " + std::to_string(dy->rows()) +
                          " rows but 'x' has " + std::to_string(x.rows()));
   }
 
@@ -227,6 +299,15 @@ int run_command(const run_options& o) {
     layer.forward(plan, x, y);
     if (o.backward) gradients = compute_backward(layer, plan, x, *dy);
   }
+  require_finite_outputs(plan, y, x, in, scale);
+  if (gradients) {
+    grove::check_finite_rows(gradients->dx, "dx");
+    try {
+      grove::check_finite(gradients->gradients.view());
+    } catch (const grove::error& e) {
+      throw grove::error(std::string(e.what()) + " in the gradients (the backward overflowed float)");
+    }
+  }
 
   io::safetensors_writer out;
   out.set_metadata("format", "pt");
@@ -241,7 +322,7 @@ int run_command(const run_options& o) {
   if (gradients) add_backward_outputs(out, *gradients, o.prefix);
   out.write(o.output);
 
-  std::cout << "grove: wrote " << quoted(o.output) << ": y [" << y.rows() << ", " << y.cols()
+  std::cout << "grove: wrote " << in_quotes(o.output) << ": y [" << y.rows() << ", " << y.cols()
             << "], router_logits [" << plan.logits.rows() << ", " << plan.logits.cols() << "], topk_ids and topk_weights ["
             << plan.topk_ids.rows() << ", " << plan.topk_ids.cols() << "] (k = " << top_k
             << " from " << (routing.top_k ? routing.top_k_source : "default") << ", lambda = " << format_double(scale)
@@ -340,10 +421,12 @@ int upcycle_command(const upcycle_command_options& o) {
   options.groups = o.groups;
   options.adjugate_intermediate = o.adjugate_size;
   options.seed = o.seed;
-  const grove::layer_parameters<float> grove_layer = io::upcycle_layer<float>(io::checkpoint(o.weights), o.prefix, options);
+  const io::checkpoint weights(o.weights);
+  require_new_output(o.out, "--out", checkpoint_inputs(weights));
+  const grove::layer_parameters<float> grove_layer = io::upcycle_layer<float>(weights, o.prefix, options);
   io::save_layer(o.out, grove_layer.view(), o.prefix);
   const grove::layer_dims& d = grove_layer.dims();
-  std::cout << "grove: wrote " << quoted(o.out) << ": Grove layer '" << o.prefix << "' with H = " << d.hidden
+  std::cout << "grove: wrote " << in_quotes(o.out) << ": Grove layer '" << o.prefix << "' with H = " << d.hidden
             << ", E = " << d.experts << ", G = " << d.groups << ", I = " << d.expert_intermediate
             << ", Ia = " << d.adjugate_intermediate << " (adjugate gate/up ~ N(0, " << format_double(options.stddev)
             << "^2), seed " << o.seed << "; down projections zero: the output is unchanged)\n";
@@ -369,13 +452,16 @@ int main(int argc, char** argv) {
   run_cmd->add_option("--input", run.input, "input .safetensors holding x [T, H] (F32, BF16 or F16)")->required();
   run_cmd->add_option("--output", run.output, "output .safetensors: y, router_logits, topk_ids, topk_weights")
       ->required();
-  CLI::Option* top_k_opt = run_cmd->add_option("--top-k", run.top_k, "experts per token k (default 8)");
-  CLI::Option* scale_opt = run_cmd->add_option("--scale", run.scale, "adjugate scale lambda (default 0.05)");
+  CLI::Option* top_k_opt =
+      run_cmd->add_option("--top-k", run.top_k, "experts per token k (default 8)")->transform(integer_in_range<grove::index>());
+  CLI::Option* scale_opt =
+      run_cmd->add_option("--scale", run.scale, "adjugate scale lambda (default 0.05)")->check(double_in_range());
   run_cmd->add_option("--config", run.config, "Hugging Face config.json: k and lambda when present there");
   run_cmd->add_flag("--backward", run.backward, "also compute dx and weight gradients from dy in the input");
   run_cmd->add_option("--dtype", run.dtype, "weights in memory: f32 (default) or bf16 (half the bytes; no --backward)")
       ->check(CLI::IsMember({"f32", "bf16"}));
   run_cmd->add_option("--threads", run.threads, "threads of the CPU runner (default: every hardware thread)")
+      ->transform(integer_in_range<int>())
       ->check(CLI::Range(1, 4096));
   run_cmd->add_option("--isa", run.isa, "instruction set of the kernels (default: the best this CPU runs)")
       ->check(CLI::IsMember({"scalar", "avx2", "avx512", "avx512_bf16"}));
@@ -393,10 +479,15 @@ int main(int argc, char** argv) {
   upcycle_cmd->add_option("--weights", upcycle.weights, "checkpoint: a .safetensors file or a sharded checkpoint directory")
       ->required();
   upcycle_cmd->add_option("--prefix", upcycle.prefix, "layer prefix, e.g. model.layers.0.mlp")->required();
-  upcycle_cmd->add_option("--groups", upcycle.groups, "group count G (must divide the expert count E)")->required();
-  upcycle_cmd->add_option("--adjugate-size", upcycle.adjugate_size, "adjugate intermediate size Ia")->required();
+  upcycle_cmd->add_option("--groups", upcycle.groups, "group count G (must divide the expert count E)")
+      ->required()
+      ->transform(integer_in_range<grove::index>());
+  upcycle_cmd->add_option("--adjugate-size", upcycle.adjugate_size, "adjugate intermediate size Ia")
+      ->required()
+      ->transform(integer_in_range<grove::index>());
   upcycle_cmd->add_option("--out", upcycle.out, "output .safetensors with the Grove layer (F32)")->required();
-  upcycle_cmd->add_option("--seed", upcycle.seed, "seed of the adjugates' gate/up draws (default 0)");
+  upcycle_cmd->add_option("--seed", upcycle.seed, "seed of the adjugates' gate/up draws (default 0)")
+      ->transform(integer_in_range<std::uint64_t>());
 
   try {
     app.parse(argc, argv);

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <concepts>
+#include <cstddef>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -19,6 +20,20 @@ class error : public std::runtime_error {
 };
 
 namespace detail {
+
+/// Longest text, in bytes, that an error message quotes from its input (a name, a value, a
+/// line of JSON). A file may hold a 100 MB tensor name or a value nested a million levels deep;
+/// quoting it whole would make the message itself the problem.
+inline constexpr std::size_t max_quoted_bytes = 200;
+
+/// `text` when it has at most `limit` bytes, else its first `limit` bytes (cut at a UTF-8
+/// character boundary) followed by "… (N bytes)".
+inline std::string excerpt(std::string_view text, std::size_t limit = max_quoted_bytes) {
+  if (text.size() <= limit) return std::string(text);
+  std::size_t cut = limit;
+  while (cut > 0 && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) --cut;  // a continuation byte
+  return std::string(text.substr(0, cut)) + "\u2026 (" + std::to_string(text.size()) + " bytes)";
+}
 
 /// Appends one part of an error message: text as it is, numbers in decimal.
 inline void append_message_part(std::string& out, std::string_view text) { out.append(text); }

@@ -30,3 +30,4 @@
 #include "grove/layer/activation_stats.hpp"
 #include "grove/layer/forward_result.hpp"
 #include "grove/layer/layer.hpp"
+#include "grove/layer/check_finite_output.hpp"

@@ -1,5 +1,8 @@
 #pragma once
 
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
 #include <span>
 #include <string>
 #include <string_view>
@@ -8,6 +11,25 @@
 #include "grove/error.hpp"
 
 GROVE_BEGIN_NAMESPACE
+
+namespace detail {
+
+/// The most parameters a layer may hold (2^60): its bytes in any format, 8-byte double
+/// included, still fit a signed 64-bit size.
+inline constexpr index max_layer_parameters = index{1} << 60;
+
+/// The product of non-negative `factors`, or -1 when it exceeds max_layer_parameters (checked
+/// before each multiplication, so nothing wraps).
+inline index bounded_product(std::initializer_list<index> factors) {
+  index product = 1;
+  for (index f : factors) {
+    if (f != 0 && product > max_layer_parameters / f) return -1;
+    product *= f;
+  }
+  return product;
+}
+
+}  // namespace detail
 
 /// The tensor sizes of one Grove MoE layer: everything a checkpoint's shapes determine.
 /// See docs/config.md; the symbols follow docs/math.md (H, E, G, I, Ia).
@@ -42,6 +64,32 @@ struct layer_dims {
     detail::require(experts % groups == 0,
                     "grove: group count G = " + std::to_string(groups) +
                         " does not divide expert count E = " + std::to_string(experts));
+    // Sizes come from files and command lines. Each must fit an int (kernels count in int), and
+    // every product below (parameter counts, then bytes in the widest format, 8-byte double)
+    // must fit a signed 64-bit index: an overflow would size a buffer smaller than the loops
+    // that fill it. The bound, detail::max_layer_parameters, is far beyond any memory.
+    auto fits_int = [](index v, const char* what) {
+      detail::require(v <= std::numeric_limits<std::int32_t>::max(), "grove: ", what, " = ", v,
+                      " is too large (at most 2^31 - 1)");
+    };
+    fits_int(hidden, "hidden size H");
+    fits_int(experts, "expert count E");
+    fits_int(groups, "group count G");
+    fits_int(expert_intermediate, "expert intermediate size I");
+    fits_int(adjugate_intermediate, "adjugate intermediate size Ia");
+    const index router = detail::bounded_product({experts, hidden});
+    const index routed = detail::bounded_product({experts, 3, hidden, expert_intermediate});
+    const index adjugates = detail::bounded_product({groups, 3, hidden, adjugate_intermediate});
+    // The router, its fp32 copy (BF16 layers), the bias and the experts, each bounded, add up
+    // without overflow.
+    const bool fits = router >= 0 && routed >= 0 && adjugates >= 0 &&
+                      2 * router + experts + routed + adjugates <= detail::max_layer_parameters;
+    detail::require(fits, "grove: layer sizes H = ", hidden, ", E = ", experts, ", G = ", groups, ", I = ",
+                    expert_intermediate, ", Ia = ", adjugate_intermediate, " are too large: ",
+                    adjugates < 0 ? "the adjugates alone (G * 3 * H * Ia)"
+                    : routed < 0  ? "the experts alone (E * 3 * H * I)"
+                                  : "the layer",
+                    " would hold more than 2^60 parameters, whose bytes a 64-bit size cannot count");
   }
 
   friend bool operator==(const layer_dims&, const layer_dims&) = default;

@@ -17,40 +17,11 @@
 #include <nlohmann/json.hpp>
 
 #include "grove/error.hpp"
+#include "grove/io/json_reader.hpp"
+#include "grove/io/messages.hpp"
 #include "grove/io/safetensors.hpp"
 
 GROVE_BEGIN_NAMESPACE
-namespace detail {
-
-/// Reads a small text file (config.json, an index) whole; throws naming the file.
-inline std::string read_text_file(const std::filesystem::path& path, const char* what,
-                                  std::uintmax_t limit = 256u << 20) {
-  std::error_code ec;
-  if (!std::filesystem::exists(path, ec)) throw error(std::string("grove: ") + what + " " + quoted(path) + " does not exist");
-  if (std::filesystem::is_directory(path, ec)) throw error(std::string("grove: ") + what + " " + quoted(path) + " is a directory");
-  const std::uintmax_t size = std::filesystem::file_size(path, ec);
-  if (ec) throw error(std::string("grove: cannot read ") + what + " " + quoted(path) + ": " + ec.message());
-  if (size > limit) throw error(std::string("grove: ") + what + " " + quoted(path) + " is too large (" + std::to_string(size) + " bytes)");
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw error(std::string("grove: cannot open ") + what + " " + quoted(path));
-  std::string text(static_cast<std::size_t>(size), '\0');
-  in.read(text.data(), static_cast<std::streamsize>(size));
-  if (static_cast<std::uintmax_t>(in.gcount()) != size) throw error(std::string("grove: cannot read ") + what + " " + quoted(path));
-  return text;
-}
-
-/// Parses JSON text, turning nlohmann's exceptions into grove::error naming the file.
-inline nlohmann::json parse_json_file(const std::filesystem::path& path, const char* what) {
-  const std::string text = read_text_file(path, what);
-  try {
-    return nlohmann::json::parse(text);
-  } catch (const nlohmann::json::exception& e) {
-    throw error(std::string("grove: ") + what + " " + quoted(path) + " is not valid JSON (" + e.what() + ")");
-  }
-}
-
-}  // namespace detail
-
 namespace io {
 
 /// A Hugging Face checkpoint: one .safetensors file, or a directory holding either
@@ -107,6 +78,15 @@ class checkpoint {
     return single_ ? single_->contains(name) : weight_map_.find(name) != weight_map_.end();
   }
 
+  /// Every file the checkpoint reads from: the .safetensors file, or the index and every shard
+  /// it names (whether or not a shard has been opened yet).
+  [[nodiscard]] std::vector<std::filesystem::path> files() const {
+    if (single_) return {single_->path()};
+    std::vector<std::filesystem::path> out{index_path_};
+    for (const auto& [shard, reader] : shards_) out.push_back(directory_ / shard);
+    return out;
+  }
+
   /// The file that holds tensor `name`; throws like entry() when there is none.
   [[nodiscard]] std::filesystem::path file_of(std::string_view name) const { return reader_of(name).path(); }
 
@@ -116,8 +96,8 @@ class checkpoint {
     const safetensors_reader& r = reader_of(name);
     const tensor_entry* e = r.find(name);
     if (!e)
-      throw error("grove: " + std::string(index_file_name) + " in " + detail::quoted(path_) + " maps tensor '" +
-                  std::string(name) + "' to shard " + detail::quoted(r.path().filename()) + ", which does not contain it");
+      throw error("grove: " + std::string(index_file_name) + " in " + detail::quoted(path_) + " maps tensor " +
+                  detail::quoted_name(name) + " to shard " + detail::quoted(r.path().filename()) + ", which does not contain it");
     return *e;
   }
 
@@ -127,7 +107,7 @@ class checkpoint {
   void read_into(std::string_view name, std::span<const std::int64_t> expected, std::span<Value> out) const {
     const tensor_entry& e = entry(name);
     if (!std::equal(e.shape.begin(), e.shape.end(), expected.begin(), expected.end()))
-      throw error("grove: wrong shape for tensor '" + std::string(name) + "' in " + detail::quoted(file_of(name)) +
+      throw error("grove: wrong shape for tensor " + detail::quoted_name(name) + " in " + detail::quoted(file_of(name)) +
                   ": expected " + detail::shape_string(expected) + ", found " + detail::shape_string(e.shape));
     reader_of(name).read_into(e, out);
   }
@@ -140,7 +120,7 @@ class checkpoint {
 
  private:
   [[noreturn]] void missing(std::string_view name) const {
-    throw error("grove: missing tensor '" + std::string(name) + "' in checkpoint " + detail::quoted(path_));
+    throw error("grove: missing tensor " + detail::quoted_name(name) + " in checkpoint " + detail::quoted(path_));
   }
 
   const safetensors_reader& reader_of(std::string_view name) const {
@@ -156,6 +136,7 @@ class checkpoint {
   }
 
   void read_index(const std::filesystem::path& index_path) {
+    index_path_ = index_path;
     const nlohmann::json index = detail::parse_json_file(index_path, "checkpoint index");
     auto fail = [&](const std::string& what) {
       throw error("grove: checkpoint index " + detail::quoted(index_path) + ": " + what);
@@ -164,16 +145,19 @@ class checkpoint {
     auto map = index.find("weight_map");
     if (map == index.end() || !map->is_object()) fail("missing or non-object \"weight_map\"");
     for (auto it = map->begin(); it != map->end(); ++it) {
-      if (!it.value().is_string()) fail("\"weight_map\" entry for '" + it.key() + "' is not a string");
+      if (!it.value().is_string()) fail("\"weight_map\" entry for " + detail::quoted_name(it.key()) + " is not a string");
       const std::string shard = it.value().get<std::string>();
       const std::filesystem::path relative(shard);
       bool escapes = shard.empty() || relative.is_absolute() || relative.has_root_path();
       for (const auto& part : relative) escapes = escapes || part == "..";
-      if (escapes) fail("shard name '" + shard + "' (for tensor '" + it.key() + "') is not a file inside the checkpoint directory");
+      if (escapes)
+        fail("shard name " + detail::quoted_name(shard) + " (for tensor " + detail::quoted_name(it.key()) +
+             ") is not a file inside the checkpoint directory");
       if (!shards_.count(shard)) {
         std::error_code ec;
         if (!std::filesystem::is_regular_file(directory_ / relative, ec))
-          fail("tensor '" + it.key() + "' is mapped to shard '" + shard + "', which is missing (" +
+          fail("tensor " + detail::quoted_name(it.key()) + " is mapped to shard " + detail::quoted_name(shard) +
+               ", which is missing (" +
                detail::quoted(directory_ / relative) + " does not exist)");
         shards_[shard] = nullptr;
       }
@@ -183,6 +167,7 @@ class checkpoint {
 
   std::filesystem::path path_;
   std::filesystem::path directory_;  ///< where shards are looked up
+  std::filesystem::path index_path_;  ///< the index of a sharded checkpoint
   std::unique_ptr<safetensors_reader> single_;
   std::map<std::string, std::string, std::less<>> weight_map_;
   mutable std::map<std::string, std::unique_ptr<safetensors_reader>, std::less<>> shards_;

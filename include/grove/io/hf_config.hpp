@@ -12,7 +12,8 @@
 
 #include "grove/config/layer_dims.hpp"
 #include "grove/error.hpp"
-#include "grove/io/checkpoint.hpp"
+#include "grove/io/json_reader.hpp"
+#include "grove/io/messages.hpp"
 
 GROVE_BEGIN_NAMESPACE
 namespace io {
@@ -58,7 +59,7 @@ struct hf_config {
     if (it == doc->end() || it->is_null()) return;
     if (!it->is_number_unsigned() || it->get<std::uint64_t>() == 0 ||
         it->get<std::uint64_t>() > static_cast<std::uint64_t>(std::numeric_limits<std::int32_t>::max()))
-      fail(std::string("\"") + key + "\" must be a positive integer, got " + it->dump());
+      fail(std::string("\"") + key + "\" must be a positive integer, got " + detail::json_excerpt(*it));
     out = static_cast<index>(it->get<std::uint64_t>());
   };
   integer("num_experts_per_tok", config.top_k);
@@ -70,13 +71,13 @@ struct hf_config {
   auto lambda = doc->find("small_experts_weight");
   if (lambda != doc->end() && !lambda->is_null()) {
     if (!lambda->is_number() || !std::isfinite(lambda->get<double>()) || lambda->get<double>() < 0.0)
-      fail("\"small_experts_weight\" must be a finite number >= 0, got " + lambda->dump());
+      fail("\"small_experts_weight\" must be a finite number >= 0, got " + detail::json_excerpt(*lambda));
     config.scale = lambda->get<double>();
   }
   return config;
 }
 
-/// Reads config.json at `path`.
+/// Reads config.json at `path` (at most 256 MiB, nested at most detail::max_json_depth deep).
 [[nodiscard]] inline hf_config read_hf_config(const std::filesystem::path& path) {
   return parse_hf_config(detail::parse_json_file(path, "config"), path);
 }

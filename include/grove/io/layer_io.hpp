@@ -63,6 +63,11 @@ inline std::pair<index, index> matrix_shape(const io::checkpoint& ckpt, const st
   return {static_cast<index>(e.shape[0]), static_cast<index>(e.shape[1])};
 }
 
+/// True for the tensors of the adjugate experts (chunk_experts.{j}.*).
+inline bool is_adjugate(tensor_role r) {
+  return r == tensor_role::adjugate_gate || r == tensor_role::adjugate_up || r == tensor_role::adjugate_down;
+}
+
 /// Layer prefixes present in the checkpoint (names "<p>.chunk_experts.0.gate_proj.weight"),
 /// at most `limit`, for the hint of a "missing tensor" error.
 inline std::string grove_layer_prefixes(const std::vector<std::string>& names, std::size_t limit = 3) {
@@ -72,9 +77,8 @@ inline std::string grove_layer_prefixes(const std::vector<std::string>& names, s
   for (const std::string& name : names) {
     if (name.size() <= tail.size() || name.compare(name.size() - tail.size(), tail.size(), tail) != 0) continue;
     if (count++ >= limit) continue;
-    out += out.empty() ? "'" : ", '";
-    out.append(name, 0, name.size() - tail.size());
-    out += "'";
+    out += out.empty() ? "" : ", ";
+    out += quoted_name(std::string_view(name).substr(0, name.size() - tail.size()));
   }
   if (count > limit) out += ", ... (" + std::to_string(count) + " in all)";
   return out;
@@ -158,10 +162,16 @@ struct moe_dims {
 }
 
 /// Checks, from headers alone, that every tensor of a layer with `dims` is present under `prefix`
-/// with the shape and a floating dtype grove reads; `expert_bias` may be absent.
-inline void check_layer_tensors(const checkpoint& ckpt, std::string_view prefix, const layer_dims& dims) {
+/// with the shape and a floating dtype grove reads; `expert_bias` may be absent. Without
+/// `adjugates`, the routed part only (router, experts, bias: a plain MoE layer to upcycle).
+/// Loaders call it before they allocate: a header's shapes are checked against the data its
+/// file really holds only for dtypes grove knows, so an allocation sized from an unchecked
+/// shape could ask for terabytes on behalf of a file of a few hundred bytes.
+inline void check_layer_tensors(const checkpoint& ckpt, std::string_view prefix, const layer_dims& dims,
+                                bool adjugates = true) {
   const weights_view<float> layout(dims);
   layout.for_each_tensor([&](const tensor_info& info, const float* const&) {
+    if (!adjugates && detail::is_adjugate(info.role)) return;
     const std::string name = tensor_name(prefix, info.name);
     const bool bias = info.role == tensor_role::selection_bias;
     if (bias && !ckpt.contains(name)) return;
@@ -172,7 +182,7 @@ inline void check_layer_tensors(const checkpoint& ckpt, std::string_view prefix,
                   ": expected " + detail::shape_string(expected) + ", found " + detail::shape_string(e.shape));
     if (!is_floating(e.type))
       throw error("grove: tensor '" + name + "' in " + detail::quoted(ckpt.file_of(name)) + " has unsupported dtype " +
-                  e.dtype_name + " (grove reads F32, F16, BF16 and F64 weights)");
+                  detail::excerpt(e.dtype_name) + " (grove reads F32, F16, BF16 and F64 weights)");
   });
 }
 
@@ -184,11 +194,8 @@ inline void check_layer_tensors(const checkpoint& ckpt, std::string_view prefix,
 template <class Scalar>
 void read_layer_tensors(const checkpoint& ckpt, std::string_view prefix, const weights_span<Scalar>& into,
                         bool adjugates) {
-  auto is_adjugate = [](tensor_role r) {
-    return r == tensor_role::adjugate_gate || r == tensor_role::adjugate_up || r == tensor_role::adjugate_down;
-  };
   into.for_each_tensor([&](const tensor_info& info, Scalar* const& data) {
-    if (!adjugates && is_adjugate(info.role)) return;
+    if (!adjugates && detail::is_adjugate(info.role)) return;
     if (data == nullptr) return;  // a tensor the destination keeps elsewhere (a BF16 layer's fp32 bias)
     const std::string name = tensor_name(prefix, info.name);
     const bool bias = info.role == tensor_role::selection_bias;

@@ -18,6 +18,9 @@
 
 #include "grove/error.hpp"
 #include "grove/io/dtype.hpp"
+#include "grove/io/json_reader.hpp"
+#include "grove/io/messages.hpp"
+#include "grove/io/output_file.hpp"
 
 GROVE_BEGIN_NAMESPACE
 namespace detail {
@@ -27,23 +30,6 @@ inline bool checked_mul(std::uint64_t a, std::uint64_t b, std::uint64_t& out) {
   if (a != 0 && b > std::numeric_limits<std::uint64_t>::max() / a) return false;
   out = a * b;
   return true;
-}
-
-/// "[3, 4]"
-inline std::string shape_string(std::span<const std::int64_t> shape) {
-  std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(shape[i]);
-  }
-  return s + "]";
-}
-
-inline std::string quoted(const std::filesystem::path& p) {
-  std::string s = "'";
-  s += p.string();
-  s += "'";
-  return s;
 }
 
 }  // namespace detail
@@ -104,7 +90,7 @@ class safetensors_reader {
   /// The entry named `name`; throws grove::error naming the tensor and the file when absent.
   [[nodiscard]] const tensor_entry& at(std::string_view name) const {
     if (const tensor_entry* e = find(name)) return *e;
-    throw error("grove: missing tensor '" + std::string(name) + "' in " + detail::quoted(path_));
+    throw error("grove: missing tensor " + detail::quoted_name(name) + " in " + detail::quoted(path_));
   }
 
   /// The raw little-endian bytes of one tensor.
@@ -120,7 +106,7 @@ class safetensors_reader {
   void read_into(const tensor_entry& entry, std::span<Value> out) const {
     require_convertible<Value>(entry);
     if (out.size() != entry.elements)
-      throw error("grove: tensor '" + entry.name + "' holds " + std::to_string(entry.elements) +
+      throw error("grove: tensor " + detail::quoted_name(entry.name) + " holds " + std::to_string(entry.elements) +
                   " values but the destination has room for " + std::to_string(out.size()));
     const std::size_t size = dtype_size(entry.type);
     const std::size_t chunk = std::max<std::size_t>(1, (std::size_t{1} << 20) / size);
@@ -149,8 +135,8 @@ class safetensors_reader {
   template <class Value>
   void require_convertible(const tensor_entry& entry) const {
     if (!converts<Value>(entry.type))
-      throw error("grove: tensor '" + entry.name + "' in " + detail::quoted(path_) + " has unsupported dtype " +
-                  entry.dtype_name + " (grove reads F32, F16, BF16 and F64 as floating point, I32 and I64 as integers)");
+      throw error("grove: tensor " + detail::quoted_name(entry.name) + " in " + detail::quoted(path_) +
+                  " has unsupported dtype " + detail::excerpt(entry.dtype_name) + " (grove reads F32, F16, BF16 and F64 as floating point, I32 and I64 as integers)");
   }
 
  private:
@@ -158,7 +144,7 @@ class safetensors_reader {
     throw error("grove: safetensors file " + detail::quoted(path_) + ": " + what);
   }
   [[noreturn]] void fail_tensor(const std::string& name, const std::string& what) const {
-    throw error("grove: safetensors file " + detail::quoted(path_) + ": tensor '" + name + "': " + what);
+    throw error("grove: safetensors file " + detail::quoted(path_) + ": tensor " + detail::quoted_name(name) + ": " + what);
   }
 
   void open() {
@@ -191,34 +177,23 @@ class safetensors_reader {
     parse_header(text);
   }
 
+  /// Reads the header in one pass with nlohmann's SAX parser, building the entries as their
+  /// values go by: linear in the header's size (a DOM with a callback rescans the parent object
+  /// after every entry, quadratic in the tensor count), no DOM of a 100 MB header in memory, and
+  /// nothing recursive (the parser keeps its own stack; the depth is bounded at max_json_depth).
   void parse_header(const std::string& text) {
-    using json = nlohmann::json;
-    json header;
-    // nlohmann keeps the last of duplicate keys silently; a tensor declared twice is an error.
-    std::map<std::string, int, std::less<>> seen;
-    auto on_event = [&](int depth, json::parse_event_t event, json& parsed) {
-      if (event == json::parse_event_t::key && depth == 1 && parsed.is_string())
-        if (++seen[parsed.get<std::string>()] > 1) fail("header declares '" + parsed.get<std::string>() + "' twice");
-      return true;
-    };
-    try {
-      header = json::parse(text, on_event);
-    } catch (const json::exception& e) {
-      fail(std::string("header is not valid JSON (") + e.what() + ")");
-    }
-    if (!header.is_object()) fail(std::string("header is not a JSON object (it is ") + header.type_name() + ")");
+    header_parser parser(*this);
+    nlohmann::json::sax_parse(text, &parser);
+    if (!parser.done()) fail("header is not valid JSON (it ends early)");
 
-    for (auto it = header.begin(); it != header.end(); ++it) {
-      if (it.key() == "__metadata__") {
-        if (!it.value().is_object()) fail("\"__metadata__\" is not a JSON object");
-        for (auto m = it.value().begin(); m != it.value().end(); ++m) {
-          if (!m.value().is_string()) fail("\"__metadata__\" value for '" + m.key() + "' is not a string");
-          metadata_[m.key()] = m.value().get<std::string>();
-        }
-        continue;
-      }
-      entries_.push_back(parse_entry(it.key(), it.value()));
-    }
+    // A tensor declared twice (JSON keeps either silently); found in one sort of the names.
+    std::vector<std::size_t> by_name(entries_.size());
+    for (std::size_t i = 0; i < by_name.size(); ++i) by_name[i] = i;
+    std::sort(by_name.begin(), by_name.end(),
+              [&](std::size_t a, std::size_t b) { return entries_[a].name < entries_[b].name; });
+    for (std::size_t i = 1; i < by_name.size(); ++i)
+      if (entries_[by_name[i]].name == entries_[by_name[i - 1]].name)
+        fail("header declares " + detail::quoted_name(entries_[by_name[i]].name) + " twice");
 
     // Data of distinct tensors must not overlap (empty tensors occupy nothing).
     std::sort(entries_.begin(), entries_.end(), [](const tensor_entry& a, const tensor_entry& b) {
@@ -228,65 +203,219 @@ class safetensors_reader {
     for (const tensor_entry& e : entries_) {
       if (e.begin == e.end) continue;
       if (previous && e.begin < previous->end)
-        fail("tensors '" + previous->name + "' (data_offsets [" + std::to_string(previous->begin) + ", " +
-             std::to_string(previous->end) + "]) and '" + e.name + "' (data_offsets [" + std::to_string(e.begin) +
-             ", " + std::to_string(e.end) + "]) overlap");
+        fail("tensors " + detail::quoted_name(previous->name) + " (data_offsets [" + std::to_string(previous->begin) +
+             ", " + std::to_string(previous->end) + "]) and " + detail::quoted_name(e.name) + " (data_offsets [" +
+             std::to_string(e.begin) + ", " + std::to_string(e.end) + "]) overlap");
       previous = &e;
     }
-    for (std::size_t i = 0; i < entries_.size(); ++i) by_name_.emplace(entries_[i].name, i);
+    for (std::size_t i = 0; i < entries_.size(); ++i) by_name_.emplace_hint(by_name_.end(), entries_[i].name, i);
   }
 
-  tensor_entry parse_entry(const std::string& name, const nlohmann::json& value) const {
-    if (!value.is_object()) fail_tensor(name, "header entry is not a JSON object");
-    tensor_entry e;
-    e.name = name;
-
-    auto dt = value.find("dtype");
-    if (dt == value.end() || !dt->is_string()) fail_tensor(name, "missing or non-string \"dtype\"");
-    e.dtype_name = dt->get<std::string>();
+  /// The checks of one entry once its object has closed: every field present, offsets inside
+  /// the data section, and for a known dtype a byte count that matches the shape.
+  void finish_entry(tensor_entry& e, bool has_dtype, bool has_shape, std::size_t offsets) const {
+    if (!has_dtype) fail_tensor(e.name, "missing or non-string \"dtype\"");
+    if (!has_shape) fail_tensor(e.name, "missing or non-array \"shape\"");
+    if (offsets != 2) fail_tensor(e.name, "missing \"data_offsets\" or not an array of two integers");
     e.type = dtype_from_name(e.dtype_name);
-
-    auto sh = value.find("shape");
-    if (sh == value.end() || !sh->is_array()) fail_tensor(name, "missing or non-array \"shape\"");
-    for (const auto& d : *sh) {
-      if (d.is_number_integer() && !d.is_number_unsigned()) fail_tensor(name, "negative dimension in \"shape\" " + sh->dump());
-      if (!d.is_number_unsigned()) fail_tensor(name, "\"shape\" " + sh->dump() + " holds a non-integer");
-      const auto v = d.get<std::uint64_t>();
-      if (v > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
-        fail_tensor(name, "shape overflow: dimension " + std::to_string(v) + " is too large");
-      e.shape.push_back(static_cast<std::int64_t>(v));
-      if (!detail::checked_mul(e.elements, v, e.elements))
-        fail_tensor(name, "shape overflow: " + sh->dump() + " has more than 2^64 elements");
-    }
-
-    auto off = value.find("data_offsets");
-    if (off == value.end() || !off->is_array() || off->size() != 2)
-      fail_tensor(name, "missing \"data_offsets\" or not an array of two integers");
-    for (const auto& o : *off) {
-      if (o.is_number_integer() && !o.is_number_unsigned()) fail_tensor(name, "negative data_offsets " + off->dump());
-      if (!o.is_number_unsigned()) fail_tensor(name, "data_offsets " + off->dump() + " are not integers");
-    }
-    e.begin = (*off)[0].get<std::uint64_t>();
-    e.end = (*off)[1].get<std::uint64_t>();
     if (e.begin > e.end || e.end > data_bytes_)
-      fail_tensor(name, "data_offsets [" + std::to_string(e.begin) + ", " + std::to_string(e.end) +
-                            "] out of range: the data section holds " + std::to_string(data_bytes_) + " bytes");
+      fail_tensor(e.name, "data_offsets [" + std::to_string(e.begin) + ", " + std::to_string(e.end) +
+                              "] out of range: the data section holds " + std::to_string(data_bytes_) + " bytes");
     if (e.type != dtype::unknown) {
       std::uint64_t needed = 0;
       if (!detail::checked_mul(e.elements, dtype_size(e.type), needed))
-        fail_tensor(name, "shape overflow: " + detail::shape_string(e.shape) + " of " + e.dtype_name +
-                              " needs more than 2^64 bytes");
+        fail_tensor(e.name, "shape overflow: " + detail::shape_string(e.shape) + " of " + detail::excerpt(e.dtype_name) +
+                                " needs more than 2^64 bytes");
       if (needed != e.bytes())
-        fail_tensor(name, "data_offsets [" + std::to_string(e.begin) + ", " + std::to_string(e.end) + "] span " +
-                              std::to_string(e.bytes()) + " bytes but shape " + detail::shape_string(e.shape) + " of " +
-                              e.dtype_name + " needs " + std::to_string(needed));
+        fail_tensor(e.name, "data_offsets [" + std::to_string(e.begin) + ", " + std::to_string(e.end) + "] span " +
+                                std::to_string(e.bytes()) + " bytes but shape " + detail::shape_string(e.shape) +
+                                " of " + detail::excerpt(e.dtype_name) + " needs " + std::to_string(needed));
     }
-    return e;
   }
+
+  /// nlohmann's SAX events of a header, checked as they come. Levels: 1 is the header object,
+  /// 2 a tensor's object (or "__metadata__"), 3 its "shape" or "data_offsets" array. The value
+  /// of a field grove does not know may be any JSON, skipped, up to max_json_depth.
+  class header_parser final : public nlohmann::json_sax<nlohmann::json> {
+   public:
+    explicit header_parser(safetensors_reader& reader) : r_(reader) {}
+    [[nodiscard]] bool done() const { return finished_; }
+
+    bool null() override { return scalar("null"); }
+    bool boolean(bool) override { return scalar("a boolean"); }
+    bool number_integer(number_integer_t value) override {
+      // nlohmann reports integers >= 0 as unsigned: this one is negative.
+      if (in_array(field::shape))
+        r_.fail_tensor(entry_.name, "negative dimension " + std::to_string(value) + " in \"shape\"");
+      if (in_array(field::offsets)) r_.fail_tensor(entry_.name, "negative data_offsets value " + std::to_string(value));
+      return scalar("a number");
+    }
+    bool number_unsigned(number_unsigned_t value) override {
+      if (in_array(field::shape)) {
+        if (value > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
+          r_.fail_tensor(entry_.name, "shape overflow: dimension " + std::to_string(value) + " is too large");
+        entry_.shape.push_back(static_cast<std::int64_t>(value));
+        if (!detail::checked_mul(entry_.elements, value, entry_.elements))
+          r_.fail_tensor(entry_.name,
+                         "shape overflow: " + detail::shape_string(entry_.shape) + " has more than 2^64 elements");
+        return true;
+      }
+      if (in_array(field::offsets)) {
+        if (offsets_ >= 2) r_.fail_tensor(entry_.name, "\"data_offsets\" holds more than two integers");
+        (offsets_++ == 0 ? entry_.begin : entry_.end) = value;
+        return true;
+      }
+      return scalar("a number");
+    }
+    bool number_float(number_float_t, const string_t&) override { return scalar("a non-integer number"); }
+    bool string(string_t& value) override {
+      if (skipping()) return true;
+      if (depth_ == 2 && in_tensor_ && field_ == field::dtype) {
+        entry_.dtype_name = std::move(value);
+        has_dtype_ = true;
+        return true;
+      }
+      if (depth_ == 2 && !in_tensor_) {
+        r_.metadata_[key_] = std::move(value);  // "__metadata__": name -> string
+        return true;
+      }
+      return scalar("a string");
+    }
+    bool binary(binary_t&) override { return scalar("binary data"); }
+
+    bool key(string_t& name) override {
+      if (skipping()) return true;
+      if (depth_ == 2 && in_tensor_) {
+        field_ = name == "dtype" ? field::dtype
+                 : name == "shape" ? field::shape
+                 : name == "data_offsets" ? field::offsets
+                                          : field::other;
+        if (field_ != field::other) {
+          bool& seen = field_seen_[static_cast<int>(field_)];
+          if (seen) r_.fail_tensor(entry_.name, "\"" + name + "\" given twice");
+          seen = true;
+        }
+      } else {
+        key_ = std::move(name);  // a tensor's name (level 1) or a "__metadata__" name (level 2)
+      }
+      return true;
+    }
+
+    bool start_object(std::size_t) override { return open("an object"); }
+    bool start_array(std::size_t) override { return open("an array"); }
+    bool end_object() override { return close(); }
+    bool end_array() override { return close(); }
+
+    bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception& e) override {
+      r_.fail("header is not valid JSON (" + detail::excerpt(e.what()) + ")");
+    }
+
+   private:
+    enum class field { dtype, shape, offsets, other };
+
+    [[nodiscard]] bool skipping() const { return skip_from_ != 0; }
+    /// Directly inside the "shape" or "data_offsets" array of the current tensor.
+    [[nodiscard]] bool in_array(field f) const { return !skipping() && depth_ == 3 && field_ == f; }
+
+    /// A value that is not an unsigned integer, nor a string grove takes, nor a container.
+    bool scalar(const char* what) const {
+      if (skipping()) return true;
+      switch (depth_) {
+        case 0:
+          r_.fail(std::string("header is not a JSON object (it is ") + what + ")");
+        case 1:
+          not_an_object(what);
+        case 2:
+          if (!in_tensor_)
+            r_.fail("\"__metadata__\" value for " + detail::quoted_name(key_) + " is not a string (it is " + what + ")");
+          if (field_ != field::other) wrong_field(what);
+          return true;  // a field grove does not know
+        default:
+          wrong_element(what);  // level 3: an element of "shape" or "data_offsets"
+      }
+    }
+
+    bool open(const char* what) {
+      if (++depth_ > detail::max_json_depth)
+        r_.fail("header nests arrays and objects deeper than " + std::to_string(detail::max_json_depth) + " levels");
+      if (skipping()) return true;
+      const bool object = what[3] == 'o';  // "an object"
+      switch (depth_) {
+        case 1:
+          if (!object) r_.fail(std::string("header is not a JSON object (it is ") + what + ")");
+          return true;
+        case 2:
+          if (!object) not_an_object(what);
+          in_tensor_ = key_ != "__metadata__";
+          if (!in_tensor_) {
+            if (seen_metadata_) r_.fail("header declares '__metadata__' twice");
+            seen_metadata_ = true;
+            return true;
+          }
+          entry_ = tensor_entry{};
+          entry_.name = std::move(key_);
+          has_dtype_ = false;
+          offsets_ = 0;
+          field_seen_[0] = field_seen_[1] = field_seen_[2] = false;
+          field_ = field::other;
+          return true;
+        case 3:
+          if (!in_tensor_)
+            r_.fail("\"__metadata__\" value for " + detail::quoted_name(key_) + " is not a string (it is " + what + ")");
+          if (field_ == field::other) {
+            skip_from_ = depth_;
+            return true;
+          }
+          if (object || field_ == field::dtype) wrong_field(what);
+          return true;  // the "shape" or "data_offsets" array
+        default:
+          wrong_element(what);  // level 4: a container inside "shape" or "data_offsets"
+      }
+    }
+
+    bool close() {
+      if (!skipping() && depth_ == 2 && in_tensor_) {
+        r_.finish_entry(entry_, has_dtype_, field_seen_[static_cast<int>(field::shape)], offsets_);
+        r_.entries_.push_back(std::move(entry_));
+      }
+      if (skip_from_ == depth_) skip_from_ = 0;
+      if (--depth_ == 0) finished_ = true;
+      return true;
+    }
+
+    [[noreturn]] void not_an_object(const char* what) const {
+      if (key_ == "__metadata__") r_.fail(std::string("\"__metadata__\" is not a JSON object (it is ") + what + ")");
+      r_.fail_tensor(key_, std::string("header entry is not a JSON object (it is ") + what + ")");
+    }
+    /// A tensor's "dtype", "shape" or "data_offsets" holding the wrong kind of value.
+    [[noreturn]] void wrong_field(const char* what) const {
+      if (field_ == field::dtype) r_.fail_tensor(entry_.name, std::string("non-string \"dtype\" (it is ") + what + ")");
+      if (field_ == field::shape) r_.fail_tensor(entry_.name, std::string("non-array \"shape\" (it is ") + what + ")");
+      r_.fail_tensor(entry_.name, std::string("\"data_offsets\" is not an array of two integers (it is ") + what + ")");
+    }
+    /// An element of "shape" or "data_offsets" that is not an integer >= 0.
+    [[noreturn]] void wrong_element(const char* what) const {
+      if (field_ == field::shape) r_.fail_tensor(entry_.name, std::string("\"shape\" holds a non-integer (") + what + ")");
+      r_.fail_tensor(entry_.name, std::string("data_offsets are not integers (one is ") + what + ")");
+    }
+
+    safetensors_reader& r_;
+    int depth_ = 0;
+    int skip_from_ = 0;  ///< the level of the unknown field's value being skipped; 0 when none
+    bool finished_ = false;
+    bool in_tensor_ = false;  ///< at level 2: inside a tensor's object, not "__metadata__"
+    bool seen_metadata_ = false;
+    std::string key_;      ///< the last name at level 1 (a tensor's) or in "__metadata__"
+    tensor_entry entry_;   ///< the tensor being read
+    field field_ = field::other;
+    bool has_dtype_ = false;
+    bool field_seen_[3] = {false, false, false};
+    std::size_t offsets_ = 0;  ///< data_offsets integers read so far
+  };
 
   void read_span(const tensor_entry& entry, std::uint64_t from, std::byte* dst, std::size_t count) const {
     // Validated at open: begin <= from, from + count <= end <= data size.
-    raw_read(8 + header_bytes_ + from, dst, count, "tensor '" + entry.name + "'");
+    raw_read(8 + header_bytes_ + from, dst, count, "tensor " + detail::quoted_name(entry.name));
   }
 
   void raw_read(std::uint64_t offset, std::byte* dst, std::size_t count, const std::string& what) const {
@@ -382,35 +511,18 @@ class safetensors_writer {
     return text;
   }
 
-  /// Writes the file (to a temporary name beside it, then renamed, so a failed write leaves no
-  /// half file under `path`).
+  /// Writes the file: to a new temporary file of its own beside `path`, renamed over `path`
+  /// once complete (detail::output_file), so a failed write leaves `path` as it was and two
+  /// writers never share a temporary.
   void write(const std::filesystem::path& path) const {
     const std::string text = header();
-    std::filesystem::path temporary = path;
-    temporary += ".grove-partial";
-    {
-      std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
-      if (!out) throw error("grove: cannot create " + detail::quoted(path));
-      std::byte length[8];
-      detail::store_le<std::uint64_t>(length, text.size());
-      out.write(reinterpret_cast<const char*>(length), 8);
-      out.write(text.data(), static_cast<std::streamsize>(text.size()));
-      for (const pending& t : tensors_)
-        out.write(reinterpret_cast<const char*>(t.bytes.data()), static_cast<std::streamsize>(t.bytes.size()));
-      out.close();
-      if (!out) {
-        std::error_code ignored;
-        std::filesystem::remove(temporary, ignored);
-        throw error("grove: failed writing " + detail::quoted(path));
-      }
-    }
-    std::error_code ec;
-    std::filesystem::rename(temporary, path, ec);
-    if (ec) {
-      std::error_code ignored;
-      std::filesystem::remove(temporary, ignored);
-      throw error("grove: cannot write " + detail::quoted(path) + ": " + ec.message());
-    }
+    detail::output_file out(path);
+    std::byte length[8];
+    detail::store_le<std::uint64_t>(length, text.size());
+    out.write(length, 8);
+    out.write(text.data(), text.size());
+    for (const pending& t : tensors_) out.write(t.bytes.data(), t.bytes.size());
+    out.commit();
   }
 
  private:
