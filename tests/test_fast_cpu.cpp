@@ -353,6 +353,8 @@ TEST_CASE("fast_cpu: the schedule covers every row and column of every item exac
   CHECK(schedule.h_elements() == h_offset);
   // Tiles partition each item's [rows, inter] exactly.
   std::vector<int> covered(static_cast<std::size_t>(h_offset), 0);
+  // Adjugates once per token: every item is its own gate/up span.
+  REQUIRE(schedule.gate_up_spans().size() == items.size());
   for (const auto& tile : schedule.gate_up_tiles()) {
     const auto& item = items[static_cast<std::size_t>(tile.item)];
     CHECK(tile.row_end - tile.row_begin <= shape.gate_up_rows);
@@ -363,6 +365,57 @@ TEST_CASE("fast_cpu: the schedule covers every row and column of every item exac
   }
   CHECK(std::all_of(covered.begin(), covered.end(), [](int n) { return n == 1; }));
   CHECK(schedule.down_tiles() == (c.dims.hidden + 63) / 64);
+}
+
+TEST_CASE("fast_cpu: once per pick, a group's per-pick adjugate items share one gate/up span") {
+  // The adjugate's gate and up weights then stream once per gate_up_rows rows of the whole group
+  // (as often as for its experts together), not once per picked expert.
+  const layer_case c{"per-pick spans", {40, 8, 4, 70, 20}, 3, 100};
+  prepared p = prepare(c, 13);
+  p.plan.adjugates = grove::adjugate_mode::once_per_pick;
+  grove::detail::expert_schedule<float> schedule;
+  const grove::schedule_shape shape{16, 32, 64};
+  schedule.build(p.params.view(), p.plan, shape);
+  const auto items = schedule.items();
+  const auto spans = schedule.gate_up_spans();
+  const Index gs = c.dims.group_size();
+  Index experts_with_rows = 0, groups_with_rows = 0;
+  for (Index e = 0; e < c.dims.experts; ++e) experts_with_rows += p.plan.expert_load(e) > 0;
+  for (Index j = 0; j < c.dims.groups; ++j) groups_with_rows += !p.plan.rows_of_adjugate(j).empty();
+  REQUIRE(groups_with_rows > 0);
+  CHECK(static_cast<Index>(items.size()) == 2 * experts_with_rows);
+  CHECK(static_cast<Index>(spans.size()) == experts_with_rows + groups_with_rows);
+  for (const auto& group : schedule.groups()) {
+    // The group's per-pick items, in item order, are its adjugate span's rows and h, back to back.
+    const auto span = std::find_if(spans.begin(), spans.end(), [&](const auto& s) { return s.adjugate && s.id == group.group; });
+    REQUIRE(span != spans.end());
+    const Index begin = p.plan.expert_offsets[static_cast<std::size_t>(group.group * gs)];
+    CHECK(span->row_count == p.plan.expert_offsets[static_cast<std::size_t>((group.group + 1) * gs)] - begin);
+    Index row = 0;
+    for (auto i = group.item_begin; i < group.item_end; ++i) {
+      const auto& item = items[static_cast<std::size_t>(i)];
+      if (!item.adjugate) continue;
+      CHECK(item.gate == span->gate);
+      CHECK(item.rows == span->rows + row);
+      CHECK(item.h_offset == span->h_offset + row * c.dims.adjugate_intermediate);
+      row += item.row_count;
+    }
+    CHECK(row == span->row_count);
+  }
+  // The tiles cover every row and column of h once, per-pick rows included.
+  std::vector<int> covered(static_cast<std::size_t>(schedule.h_elements()), 0);
+  for (const auto& tile : schedule.gate_up_tiles()) {
+    const auto& span = spans[static_cast<std::size_t>(tile.item)];
+    CHECK(tile.row_end - tile.row_begin <= shape.gate_up_rows);
+    for (Index r = tile.row_begin; r < tile.row_end; ++r)
+      for (Index col = tile.col_begin; col < tile.col_end; ++col)
+        ++covered[static_cast<std::size_t>(span.h_offset + r * span.inter + col)];
+  }
+  // Once per pick, the group rows' block of h (the once_per_token adjugate rows) is not used.
+  const Index expert_h = static_cast<Index>(p.plan.expert_rows.size()) * c.dims.expert_intermediate;
+  const Index adjugate_h = static_cast<Index>(p.plan.adjugate_rows.size()) * c.dims.adjugate_intermediate;
+  for (Index at = 0; at < schedule.h_elements(); ++at)
+    CHECK(covered[static_cast<std::size_t>(at)] == (at >= expert_h && at < expert_h + adjugate_h ? 0 : 1));
 }
 
 TEST_CASE("fast_cpu: the workspace grows to the largest batch and is then reused") {

@@ -199,6 +199,7 @@ class cpu_engine {
     tile_pass<A, Wbits, Hs> pass{};
     pass.items = schedule.items().data();
     pass.item_count = static_cast<index>(schedule.items().size());
+    pass.gate_up_spans = schedule.gate_up_spans().data();
     pass.x = staged;
     pass.ldx = ldx;
     pass.hidden = schedule.hidden();

@@ -83,12 +83,13 @@ class expert_schedule {
                     "grove: the routing plan was made for another layer (E or G differ)");
     detail::require(shape.gate_up_rows >= 1 && shape.gate_up_cols >= 1 && shape.down_cols >= 1,
                     "grove: schedule tile sizes must be positive");
-    const std::size_t capacities[] = {items_.capacity(), tiles_.capacity(), groups_.capacity(),
-                                      slots_.capacity(), pick_rows_.capacity()};
+    const std::size_t capacities[] = {items_.capacity(), spans_.capacity(), tiles_.capacity(),
+                                      groups_.capacity(), slots_.capacity(), pick_rows_.capacity()};
     shape_ = shape;
     hidden_ = d.hidden;
     tokens_ = plan.tokens;
     items_.clear();
+    spans_.clear();
     tiles_.clear();
     groups_.clear();
     row_total_ = 0;
@@ -132,9 +133,18 @@ class expert_schedule {
         if (per_pick) {
           const index first_pick = row_total_;
           add(weights.adjugate(j), std::span<const dispatch_row<float>>(pick_rows_).subspan(at, rows.size()), j, true,
-              shape, expert_h + adjugate_h + static_cast<index>(at) * Ia);
+              shape, expert_h + adjugate_h + static_cast<index>(at) * Ia, /*with_gate_up_tiles=*/false);
           std::copy_n(slots_.begin() + first, rows.size(), slots_.begin() + first_pick);
         }
+      }
+      if (per_pick) {
+        // The group's per-pick adjugate items are consecutive in pick_rows_ and in h, so their
+        // gate/up products run as one span: the adjugate's gate and up weights stream once per
+        // 64 rows of the whole group, not once per picked expert (a row's h is the same either way).
+        const auto begin = static_cast<std::size_t>(plan.expert_offsets[static_cast<std::size_t>(j * d.group_size())]);
+        const auto end = static_cast<std::size_t>(plan.expert_offsets[static_cast<std::size_t>((j + 1) * d.group_size())]);
+        add_gate_up_span(weights.adjugate(j), std::span<const dispatch_row<float>>(pick_rows_).subspan(begin, end - begin),
+                         j, shape, expert_h + adjugate_h + static_cast<index>(begin) * Ia);
       }
       if (per_token) {
         const index first = row_total_;
@@ -145,13 +155,18 @@ class expert_schedule {
       span.item_end = static_cast<std::int32_t>(items_.size());
       groups_.push_back(span);
     }
-    const std::size_t now[] = {items_.capacity(), tiles_.capacity(), groups_.capacity(), slots_.capacity(),
-                               pick_rows_.capacity()};
+    const std::size_t now[] = {items_.capacity(), spans_.capacity(), tiles_.capacity(), groups_.capacity(),
+                               slots_.capacity(), pick_rows_.capacity()};
     for (std::size_t i = 0; i < std::size(now); ++i) allocations_ += now[i] != capacities[i];
   }
 
   [[nodiscard]] std::span<const item_type> items() const { return items_; }
+  /// The gate/up tiles; each tile's `item` numbers gate_up_spans().
   [[nodiscard]] std::span<const gate_up_tile> gate_up_tiles() const { return tiles_; }
+  /// What the gate/up tiles run over: every item, except that in once_per_pick mode a group's
+  /// per-pick adjugate items are one span (their rows and h blocks are consecutive). Only the
+  /// weights, rows, inter and h_offset of a span are meaningful.
+  [[nodiscard]] std::span<const item_type> gate_up_spans() const { return spans_; }
   /// The groups with rows, ascending, each with its items.
   [[nodiscard]] std::span<const group_span> groups() const { return groups_; }
   /// For every item row (numbered by first_row), its place among its group's rows.
@@ -170,7 +185,7 @@ class expert_schedule {
   [[nodiscard]] index row_total() const { return row_total_; }
   /// Bytes of the schedule's own storage (its capacity).
   [[nodiscard]] std::size_t bytes() const {
-    return items_.capacity() * sizeof(item_type) + tiles_.capacity() * sizeof(gate_up_tile) +
+    return (items_.capacity() + spans_.capacity()) * sizeof(item_type) + tiles_.capacity() * sizeof(gate_up_tile) +
            groups_.capacity() * sizeof(group_span) + slots_.capacity() * sizeof(std::int32_t) +
            pick_rows_.capacity() * sizeof(dispatch_row<float>);
   }
@@ -179,7 +194,7 @@ class expert_schedule {
 
  private:
   void add(const swiglu_weights<const W>& mlp, std::span<const dispatch_row<float>> rows, index id, bool adjugate,
-           const schedule_shape& shape, index h_offset) {
+           const schedule_shape& shape, index h_offset, bool with_gate_up_tiles = true) {
     detail::require(mlp.gate.data() != nullptr && mlp.up.data() != nullptr && mlp.down.data() != nullptr,
                     "grove: the plan has rows for ", adjugate ? "adjugate " : "expert ", id,
                     " but the weights do not hold it (a weights view of other groups?)");
@@ -196,14 +211,35 @@ class expert_schedule {
     item.id = static_cast<std::int32_t>(id);
     item.adjugate = adjugate;
     max_rows_ = std::max(max_rows_, item.row_count);
-    const auto item_index = static_cast<std::int32_t>(items_.size());
     items_.push_back(item);
-    for (index r = 0; r < item.row_count; r += shape.gate_up_rows)
-      for (index c = 0; c < item.inter; c += shape.gate_up_cols)
-        tiles_.push_back(gate_up_tile{item_index, static_cast<std::int32_t>(r),
-                                      static_cast<std::int32_t>(std::min(r + shape.gate_up_rows, item.row_count)),
+    if (with_gate_up_tiles) add_tiles(item, shape);
+  }
+
+  /// A gate/up span that is not an item of its own (the per-pick adjugate rows of one group).
+  void add_gate_up_span(const swiglu_weights<const W>& mlp, std::span<const dispatch_row<float>> rows, index group,
+                        const schedule_shape& shape, index h_offset) {
+    item_type span;
+    span.gate = reinterpret_cast<const weight_bits_t<W>*>(mlp.gate.data());
+    span.up = reinterpret_cast<const weight_bits_t<W>*>(mlp.up.data());
+    span.down = reinterpret_cast<const weight_bits_t<W>*>(mlp.down.data());
+    span.inter = mlp.gate.rows();
+    span.rows = rows.data();
+    span.row_count = static_cast<index>(rows.size());
+    span.h_offset = h_offset;
+    span.id = static_cast<std::int32_t>(group);
+    span.adjugate = true;
+    add_tiles(span, shape);
+  }
+
+  void add_tiles(const item_type& span, const schedule_shape& shape) {
+    const auto span_index = static_cast<std::int32_t>(spans_.size());
+    spans_.push_back(span);
+    for (index r = 0; r < span.row_count; r += shape.gate_up_rows)
+      for (index c = 0; c < span.inter; c += shape.gate_up_cols)
+        tiles_.push_back(gate_up_tile{span_index, static_cast<std::int32_t>(r),
+                                      static_cast<std::int32_t>(std::min(r + shape.gate_up_rows, span.row_count)),
                                       static_cast<std::int32_t>(c),
-                                      static_cast<std::int32_t>(std::min(c + shape.gate_up_cols, item.inter))});
+                                      static_cast<std::int32_t>(std::min(c + shape.gate_up_cols, span.inter))});
   }
 
   /// Each row of an expert of group j: its place among the group's rows (both lists ascend by
@@ -220,6 +256,7 @@ class expert_schedule {
   }
 
   std::vector<item_type> items_;
+  std::vector<item_type> spans_;
   std::vector<gate_up_tile> tiles_;
   std::vector<group_span> groups_;
   std::vector<std::int32_t> slots_;

@@ -19,6 +19,7 @@ template <class A, class W, class Hs>
 struct tile_pass {
   const expert_item<W>* items;
   index item_count;
+  const expert_item<W>* gate_up_spans;  ///< what gate_up_tile::item numbers (expert_schedule::gate_up_spans)
   const A* x;  ///< staged activations [T, ldx]
   index ldx;
   index hidden;

@@ -8,7 +8,8 @@
 //    rows of a weight matrix (PyTorch's [out, in] layout, so both run along K contiguously);
 //    MR·NR vector accumulators run over K, then each is reduced to a scalar in a fixed order.
 //    dot_block2 does the gate and up projections together (2·MR·NR accumulators).
-//  - gate_up_tile: rows of an item × a block of intermediate columns: gate/up products, then
+//  - gate_up_tile: rows of a gate/up span (an item, or in once_per_pick mode a group's per-pick
+//    adjugate items together) × a block of intermediate columns: gate/up products, then
 //    SwiGLU (vectorised) into h.
 //  - down_tile: a block of y's columns: zero it, then group by group: the down products of the
 //    group's items, each weighted row an fma into the group's partial (a per-thread scratch of
@@ -372,7 +373,7 @@ void gate_up_panels(const Pass& pass, const detail::expert_item<typename P::w_ty
     }
     if (!more && following != nullptr) {
       // Last panel: prefetch the first panel of the tile this thread runs next.
-      const auto& f = pass.items[following->item];
+      const auto& f = pass.gate_up_spans[following->item];
       const int f_width = following->col_end - following->col_begin;
       for (int c = 0; c < NR; ++c) {
         const index col = following->col_begin + (c < f_width ? c : f_width - 1);
@@ -413,7 +414,7 @@ void gate_up_tile(const Pass& pass, const detail::gate_up_tile& tile, const deta
   using A = std::remove_const_t<std::remove_pointer_t<decltype(pass.x)>>;
   using W = std::remove_const_t<std::remove_pointer_t<decltype(pass.items->gate)>>;
   using P = typename operands_for<A, W>::type;
-  const detail::expert_item<W>& item = pass.items[tile.item];
+  const detail::expert_item<W>& item = pass.gate_up_spans[tile.item];
   const int rows = tile.row_end - tile.row_begin;
   if (rows >= max_rows)
     gate_up_panels<P, gate_up_cols(max_rows)>(pass, item, tile, following);
