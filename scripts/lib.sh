@@ -45,6 +45,12 @@ grove_packages() {
   echo "${packages[@]}"
 }
 
+# The packages of the PyTorch adapter (adapters/torch, docs/torch.md) and its pytest suite.
+# Debian's torch imports only under /usr/bin/python3, which the adapter's CMake pins.
+grove_torch_packages() {
+  echo libtorch-dev python3-torch python3-pytest
+}
+
 # grove_require_packages PACKAGE...: installs those that are missing, with apt-get as root or
 # through `sudo -n`; without either it prints the command to run and exits 1.
 grove_require_packages() {

@@ -13,6 +13,9 @@
 #   GROVE_BUILD_BENCHMARKS, GROVE_CONSUMER_TESTS, GROVE_HEADER_CHECK, GROVE_TSAN_TEST   ON (default) or OFF
 #   GROVE_FUZZ               ON: also build the libFuzzer harnesses (clang++ only) and run each
 #                            for GROVE_FUZZ_SECONDS (default 60) as tests; default OFF
+#   GROVE_TORCH              ON (default; OFF with GROVE_SANITIZE): build the PyTorch adapter and
+#                            run its pytest suite, installing libtorch-dev, python3-torch and
+#                            python3-pytest when missing; AUTO: only when Torch is there; OFF: skip
 #   GROVE_CUDA, GROVE_NATIVE, GROVE_FETCH_DEPENDENCIES  passed on to CMake when set
 #   (the options are described in docs/install.md)
 #   GROVE_JOBS               parallel build and test jobs (default 2)
@@ -22,8 +25,17 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 export CXX="${CXX:-g++}"
-# shellcheck disable=SC2046
-grove_require_packages $(grove_packages all)
+# A sanitized extension cannot load into an unsanitized Python: no adapter with sanitizers.
+default_torch=ON
+[[ -n "${GROVE_SANITIZE:-}" ]] && default_torch=OFF
+torch="${GROVE_TORCH:-$default_torch}"
+if [[ "$torch" == ON ]]; then
+  # shellcheck disable=SC2046
+  grove_require_packages $(grove_packages all) $(grove_torch_packages)
+else
+  # shellcheck disable=SC2046
+  grove_require_packages $(grove_packages all)
+fi
 
 build_dir="${1:-${GROVE_BUILD_DIR:-$GROVE_ROOT/build}}"
 sanitize="${GROVE_SANITIZE:-}"
@@ -39,6 +51,7 @@ args=(
   "-DGROVE_TSAN_TEST=${GROVE_TSAN_TEST:-ON}"
   "-DGROVE_FUZZ=${GROVE_FUZZ:-OFF}"
   "-DGROVE_FUZZ_SECONDS=${GROVE_FUZZ_SECONDS:-60}"
+  "-DGROVE_TORCH=$torch"
 )
 if [[ -n "$sanitize" ]]; then
   # Sanitized code at -O1: fast enough to run, still close to what the optimizer does.
