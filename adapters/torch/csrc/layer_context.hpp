@@ -30,8 +30,6 @@ struct layer_context : torch::CustomClassHolder {
     if constexpr (std::is_same_v<S, double>) return saved_f64;
     else return saved_f32;
   }
-  /// Tokens of the batch it was routed for.
-  [[nodiscard]] int64_t tokens() const { return weight_dtype == at::kDouble ? plan_f64.tokens : plan_f32.tokens; }
 };
 
 }  // namespace grove_torch

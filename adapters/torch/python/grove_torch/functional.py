@@ -17,10 +17,11 @@ class _GroveLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, router, bias, top_k, scale, expert_count, *weights):
+        # The operator keeps the pre-activations only for weights with a backward (not bf16).
         keep = any(ctx.needs_input_grad)
         experts, adjugates = list(weights[:expert_count]), list(weights[expert_count:])
         y, logits, ids, topk_weights, context = ops.forward(
-            x, router, bias, experts, adjugates, top_k, scale, keep and router.dtype != torch.bfloat16
+            x, router, bias, experts, adjugates, top_k, scale, keep
         )
         ctx.context = context
         ctx.expert_count = expert_count
