@@ -268,3 +268,17 @@ def test_the_benchmark_script_runs(tmp_path):
                     "--repetitions", "1", "--json", str(out)], check=True, capture_output=True)
     rows = json.loads(out.read_text())["results"]
     assert len(rows) == 2 and all(r["grove_ms"] > 0 and r["loop_ms"] > 0 for r in rows)
+
+
+def test_the_package_imported_is_the_one_under_test():
+    # CTest names the directory the package must come from: the staged one in the build, or the
+    # prefix `cmake --install --component grove_torch` wrote (torch_installed_package). A stray
+    # grove_torch earlier on sys.path would otherwise be tested instead.
+    import os
+    import pathlib
+
+    root = os.environ.get("GROVE_TORCH_PACKAGE_ROOT")
+    assert root, "GROVE_TORCH_PACKAGE_ROOT is not set (CTest sets it)"
+    package = pathlib.Path(grove_torch.__file__).resolve().parent
+    assert package == pathlib.Path(root).resolve() / "grove_torch"
+    assert any(package.glob("libgrove_torch_ops*.so"))
