@@ -37,7 +37,8 @@ grove_packages() {
   # shellcheck disable=SC2207
   packages+=($(grove_compiler_packages))
   if [[ "${1:-all}" == all ]]; then
-    packages+=(doctest-dev libbenchmark-dev)
+    # Open MPI for the expert-parallel tests (tests/mpi, docs/distributed.md), run with mpirun.
+    packages+=(doctest-dev libbenchmark-dev libopenmpi-dev openmpi-bin)
   fi
   if ! grove_is_installed make && ! grove_is_installed ninja-build; then
     packages+=(make)

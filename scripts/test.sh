@@ -16,6 +16,9 @@
 #   GROVE_TORCH              ON (default; OFF with GROVE_SANITIZE): build the PyTorch adapter and
 #                            run its pytest suite, installing libtorch-dev, python3-torch and
 #                            python3-pytest when missing; AUTO: only when Torch is there; OFF: skip
+#   GROVE_MPI                AUTO (default): build grove::mpi and run its tests under mpirun
+#                            when MPI is found (Open MPI is installed with the test packages);
+#                            ON: MPI is required; OFF: skip
 #   GROVE_CUDA, GROVE_NATIVE, GROVE_FETCH_DEPENDENCIES  passed on to CMake when set
 #   (the options are described in docs/install.md)
 #   GROVE_JOBS               parallel build and test jobs (default 2)
@@ -52,6 +55,7 @@ args=(
   "-DGROVE_FUZZ=${GROVE_FUZZ:-OFF}"
   "-DGROVE_FUZZ_SECONDS=${GROVE_FUZZ_SECONDS:-60}"
   "-DGROVE_TORCH=$torch"
+  "-DGROVE_MPI=${GROVE_MPI:-AUTO}"
 )
 if [[ -n "$sanitize" ]]; then
   # Sanitized code at -O1: fast enough to run, still close to what the optimizer does.

@@ -31,3 +31,6 @@
 #include "grove/layer/forward_result.hpp"
 #include "grove/layer/layer.hpp"
 #include "grove/layer/check_finite_output.hpp"
+#include "grove/distributed/communicator.hpp"
+#include "grove/distributed/placement.hpp"
+#include "grove/distributed/expert_parallel.hpp"

@@ -1,5 +1,5 @@
 # cmake -DMODE=find_package|fetch_content -DGROVE_SOURCE_DIR=... -DGROVE_BINARY_DIR=... -DWORK_DIR=...
-#       -DGENERATOR=... -DCXX_COMPILER=... [-DMAKE_PROGRAM=...] [-DCONFIG=...] [-DWITH_IO=ON]
+#       -DGENERATOR=... -DCXX_COMPILER=... [-DMAKE_PROGRAM=...] [-DCONFIG=...] [-DWITH_IO=ON] [-DWITH_MPI=ON]
 #       [-DPREFIX_PATH=a|b] [-DFETCHED=NAME=dir|...] [-D<Package>_DIR=...] -P consumer_test.cmake
 #
 # Builds and runs a project that uses grove the way a user would:
@@ -21,6 +21,9 @@ endif()
 if(NOT DEFINED WITH_IO)
   set(WITH_IO OFF)
 endif()
+if(NOT DEFINED WITH_MPI)
+  set(WITH_MPI OFF)
+endif()
 
 function(run)
   string(REPLACE ";" " " shown "${ARGN}")
@@ -40,7 +43,8 @@ set(build_dir "${WORK_DIR}/build")
 set(configure_args
   -G "${GENERATOR}"
   "-DCMAKE_CXX_COMPILER=${CXX_COMPILER}"
-  "-DGROVE_CONSUMER_WITH_IO=${WITH_IO}")
+  "-DGROVE_CONSUMER_WITH_IO=${WITH_IO}"
+  "-DGROVE_CONSUMER_WITH_MPI=${WITH_MPI}")
 if(MAKE_PROGRAM)
   list(APPEND configure_args "-DCMAKE_MAKE_PROGRAM=${MAKE_PROGRAM}")
 endif()

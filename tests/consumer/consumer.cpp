@@ -9,11 +9,15 @@
 #include <nlohmann/json.hpp>  // grove::io brings nlohmann_json's include path along
 #endif
 
+#if GROVE_CONSUMER_WITH_MPI
+#include <grove/mpi.hpp>  // grove::mpi brings MPI's include path and libraries along
+#endif
+
 #include <cmath>
 #include <cstdio>
 #include <utility>
 
-int main() {
+int main(int argc, char** argv) {
   const grove::layer_dims dims{.hidden = 16, .experts = 8, .groups = 4,
                                .expert_intermediate = 8, .adjugate_intermediate = 4};
   grove::layer layer(grove::dynamic_config<>(dims, 2, 0.05),
@@ -28,6 +32,22 @@ int main() {
 #if GROVE_CONSUMER_WITH_IO
   const nlohmann::json summary = {{"hidden", dims.hidden}, {"experts", dims.experts}};
   ok = ok && summary.at("experts").get<int>() == 8;
+#endif
+#if GROVE_CONSUMER_WITH_MPI
+  // One process, started without mpirun (MPI's singleton start): the expert-parallel layer on
+  // one rank is the layer itself, bit for bit.
+  MPI_Init(&argc, &argv);
+  {
+    grove::mpi_communicator comm;
+    grove::expert_parallel_layer parallel(comm, grove::group_placement::balanced(dims.groups, comm.size()),
+                                          layer.config(), layer.weights());
+    const grove::row_matrix<float> y_parallel = parallel.forward(x);
+    ok = ok && comm.size() == 1 && y_parallel == y;
+  }
+  MPI_Finalize();
+#else
+  (void)argc;
+  (void)argv;
 #endif
   std::printf("grove consumer: %s (grove %s, |y| = %g)\n", ok ? "ok" : "FAILED", GROVE_VERSION_STRING,
               static_cast<double>(y.norm()));

@@ -30,6 +30,47 @@ void routing_logit_gradient(const routing_plan<Scalar>& plan, const row_matrix<S
   }
 }
 
+/// The router's weight gradient alone: ∂W_r[e] += Σ_t dl[t][e]·x[t] in the documented order
+/// (over tokens ascending, from +0, then added). An expert-parallel run calls it on every rank's
+/// dl and x rows gathered in rank order, which is the single process's batch. Shapes as in
+/// router_backward (checked there).
+template <class Scalar>
+void router_weight_gradient(std::type_identity_t<const_rows_ref<Scalar>> x, const row_matrix<Scalar>& dl,
+                            const std::type_identity_t<weights_span<Scalar>>& grads) {
+  const index T = x.rows(), E = dl.cols(), H = x.cols();
+  auto grad = grads.router();
+  std::vector<Scalar> sum(static_cast<std::size_t>(H));
+  for (index e = 0; e < E; ++e) {
+    std::fill(sum.begin(), sum.end(), Scalar(0));
+    for (index t = 0; t < T; ++t) {
+      const Scalar g = dl(t, e);
+      if (g == Scalar(0)) continue;
+      const Scalar* xt = x.data() + t * x.outerStride();
+      for (index c = 0; c < H; ++c) sum[static_cast<std::size_t>(c)] += g * xt[c];
+    }
+    Scalar* out = grad.data() + e * H;
+    for (index c = 0; c < H; ++c) out[c] += sum[static_cast<std::size_t>(c)];
+  }
+}
+
+/// The router's share of ∂L/∂x alone: dx[t] += Σ_e dl[t][e]·W_r[e] over experts ascending. Per
+/// token, so each rank of an expert-parallel run does its own tokens.
+template <class Scalar>
+void router_input_gradient(const std::type_identity_t<weights_view<Scalar>>& weights, const row_matrix<Scalar>& dl,
+                           std::type_identity_t<rows_ref<Scalar>> dx) {
+  const index T = dl.rows(), E = dl.cols(), H = weights.dims().hidden;
+  const auto router = weights.router();
+  for (index t = 0; t < T; ++t) {
+    Scalar* out = dx.data() + t * dx.outerStride();
+    for (index e = 0; e < E; ++e) {
+      const Scalar g = dl(t, e);
+      if (g == Scalar(0)) continue;
+      const Scalar* w = router.data() + e * H;
+      for (index c = 0; c < H; ++c) out[c] += g * w[c];
+    }
+  }
+}
+
 /// Backward of the router's linear map l = W_r x for a batch: accumulates ∂W_r += dlᵀ x into
 /// `grads` and dx += dl W_r into `dx`. `dl` is [T, E] (from routing_logit_gradient, an
 /// auxiliary loss, or both summed).
@@ -53,30 +94,8 @@ void router_backward(const std::type_identity_t<weights_view<Scalar>>& weights,
                       std::to_string(dl.rows()) + ", " + std::to_string(dl.cols()) + "], dx [" +
                       std::to_string(dx.rows()) + ", " + std::to_string(dx.cols()) + "]");
   detail::require(grads.dims() == d, "grove: the gradient buffers have other dimensions than the layer");
-  const index T = x.rows(), E = d.experts, H = d.hidden;
-  const auto router = weights.router();
-  auto grad = grads.router();
-  std::vector<Scalar> sum(static_cast<std::size_t>(H));
-  for (index e = 0; e < E; ++e) {
-    std::fill(sum.begin(), sum.end(), Scalar(0));
-    for (index t = 0; t < T; ++t) {
-      const Scalar g = dl(t, e);
-      if (g == Scalar(0)) continue;
-      const Scalar* xt = x.data() + t * x.outerStride();
-      for (index c = 0; c < H; ++c) sum[static_cast<std::size_t>(c)] += g * xt[c];
-    }
-    Scalar* out = grad.data() + e * H;
-    for (index c = 0; c < H; ++c) out[c] += sum[static_cast<std::size_t>(c)];
-  }
-  for (index t = 0; t < T; ++t) {
-    Scalar* out = dx.data() + t * dx.outerStride();
-    for (index e = 0; e < E; ++e) {
-      const Scalar g = dl(t, e);
-      if (g == Scalar(0)) continue;
-      const Scalar* w = router.data() + e * H;
-      for (index c = 0; c < H; ++c) out[c] += g * w[c];
-    }
-  }
+  router_weight_gradient<Scalar>(x, dl, grads);
+  router_input_gradient<Scalar>(weights, dl, dx);
 }
 
 GROVE_END_NAMESPACE
