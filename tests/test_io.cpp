@@ -583,6 +583,59 @@ TEST_CASE("io: expert_bias is optional") {
   CHECK(std::vector<float>(params.bias().begin(), params.bias().end()) == std::vector<float>(4, 0.0f));
 }
 
+TEST_CASE("io: a shard of whole groups loads only its tensors, with the full layer's values") {
+  temp_dir dir;
+  // E = 4 experts in G = 2 groups: group 1 is experts 2-3 and adjugate 1. Group 0's tensors
+  // are another rank's business: one of them missing is no error for group 1's shard.
+  write_file(dir / "all.safetensors", safetensors_bytes(layer_tensors("m")));
+  write_file(dir / "no-expert-0.safetensors", safetensors_bytes(without(layer_tensors("m"), "experts.0.down_proj")));
+  const auto whole = io::load_layer<float>(dir / "all.safetensors", "m");
+  const std::vector<grove::index> mine{1};
+  for (const char* file : {"all.safetensors", "no-expert-0.safetensors"}) {
+    INFO(file);
+    const auto shard = io::load_layer<float>(dir / file, "m", mine);
+    CHECK(shard.dims() == small);
+    CHECK(std::vector<grove::index>(shard.held_groups().begin(), shard.held_groups().end()) == mine);
+    // The router, 2 experts and 1 adjugate: 16 + 2·36 + 24 values, no more.
+    CHECK(shard.values().size() == 16 + 2 * 3 * 3 * 4 + 3 * 2 * 4);
+    CHECK(shard.bytes() == grove::layer_parameters<float>::bytes_for(small, mine));
+    CHECK(shard.bytes() < whole.bytes());
+    std::vector<const float*> want;
+    whole.view().for_each_tensor([&](const grove::tensor_info&, const float* const& p) { want.push_back(p); });
+    std::size_t i = 0;
+    shard.view().for_each_tensor([&](const grove::tensor_info& info, const float* const& p) {
+      INFO(info.name);
+      const grove::index group = grove::group_of_tensor(info, 2);
+      if (group == 0) {
+        CHECK(p == nullptr);
+      } else {
+        REQUIRE(p != nullptr);
+        CHECK(std::equal(p, p + info.size(), want[i]));
+      }
+      ++i;
+    });
+    CHECK(std::equal(shard.bias().begin(), shard.bias().end(), whole.bias().begin(), whole.bias().end()));
+    CHECK(shard.view().holds_group(1));
+    CHECK_FALSE(shard.view().holds_group(0));
+    // The BF16 shard holds the same groups.
+    CHECK(io::load_layer<grove::bf16>(dir / file, "m", mine).bytes() ==
+          grove::layer_parameters<grove::bf16>::bytes_for(small, mine));
+  }
+  // Group 0's shard needs expert 0's tensors: the error names the one that is missing.
+  CHECK_THROWS_WITH_AS((void)io::load_layer<float>(dir / "no-expert-0.safetensors", "m", std::vector<grove::index>{0}),
+                       Contains("m.experts.0.down_proj.weight"), grove::error);
+  // A shard converted from a view of the same groups holds the same bits.
+  const auto converted = grove::layer_parameters<float>::from(whole.view().only_groups(mine));
+  const auto loaded = io::load_layer<float>(dir / "all.safetensors", "m", mine);
+  CHECK(std::equal(converted.values().begin(), converted.values().end(), loaded.values().begin(), loaded.values().end()));
+  // Group lists are checked.
+  CHECK_THROWS_WITH_AS((void)grove::layer_parameters<float>::shard(small, {}), Contains("empty"), grove::error);
+  CHECK_THROWS_WITH_AS((void)grove::layer_parameters<float>::shard(small, std::vector<grove::index>{1, 0}),
+                       Contains("sorted"), grove::error);
+  CHECK_THROWS_WITH_AS((void)io::load_layer<float>(dir / "all.safetensors", "m", std::vector<grove::index>{2}),
+                       Contains("outside [0, G = 2)"), grove::error);
+}
+
 TEST_CASE("io: sharded checkpoint directories") {
   temp_dir dir;
   const std::string prefix = "model.layers.1.mlp";

@@ -19,6 +19,8 @@ TEST_SUITE("mpi") {
       grove_test::ep::check_forward(comm, s, 2, true);
       grove_test::ep::check_backward(comm, s, true);
       grove_test::ep::check_backward(comm, s, false);
+      grove_test::ep::check_forward(comm, s, 2, true, grove_test::ep::placing::by_load);
+      grove_test::ep::check_backward(comm, s, true, grove_test::ep::placing::by_load);
     }
   }
 

@@ -12,6 +12,8 @@
 #include <grove/grove.hpp>
 #include <grove/training.hpp>
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -73,8 +75,60 @@ inline std::shared_ptr<grove::cpu_runner> runner_with(int threads) {
   return std::make_shared<grove::cpu_runner>(options);
 }
 
+/// How a check places the groups: balanced by count, or by the load of the test's own batch.
+enum class placing { balanced, by_load };
+
+/// The placement of `mode` for P ranks; by_load from the picks per expert of the whole batch X
+/// (the same on every rank, as every rank has X).
+inline grove::group_placement placement_for(placing mode, const grove::layer_parameters<float>& params,
+                                            const shape& s, const grove::row_matrix<float>& X, int P) {
+  if (mode == placing::balanced) return grove::group_placement::balanced(s.dims.groups, P);
+  const grove::routing_plan<float> plan = grove::route(params.view(), {s.top_k, s.scale}, X);
+  const grove::activation_stats stats = grove::compute_activation_stats(plan, s.dims);
+  return grove::group_placement::by_load(stats.expert_load, s.dims.groups, P);
+}
+
+/// What this rank sends in a forward and a backward, by the formulas of docs/distributed.md,
+/// from the single-process plan of the whole batch.
+struct expected_traffic {
+  std::size_t forward_request = 0, forward_reply = 0, backward_request = 0, backward_reply = 0;
+  Index tokens_sent = 0;
+};
+inline expected_traffic traffic_of(const grove::routing_plan<float>& plan, const grove::group_placement& placement,
+                                   int P, int rank, Index hidden) {
+  expected_traffic out;
+  const std::size_t row = 4 * static_cast<std::size_t>(hidden);
+  out.forward_request = 16 * static_cast<std::size_t>(P);  // a (tokens, picks) header per rank
+  std::size_t own_picks = 0;                               // picks of this rank's groups, all tokens
+  for (Index t = 0; t < plan.tokens; ++t) {
+    const bool home = t >= first_token_of(rank) && t < first_token_of(rank) + tokens_of(rank);
+    std::vector<Index> picks_on(static_cast<std::size_t>(P), 0);
+    std::vector<Index> groups;
+    for (Index s = 0; s < plan.top_k; ++s) {
+      const Index g = plan.topk_ids(t, s) / plan.group_size;
+      ++picks_on[static_cast<std::size_t>(placement.owner_of(g))];
+      if (placement.owner_of(g) == rank) {
+        if (std::find(groups.begin(), groups.end(), g) == groups.end()) groups.push_back(g);
+        ++own_picks;
+      }
+    }
+    out.forward_reply += row * groups.size();
+    if (!home) continue;
+    for (int q = 0; q < P; ++q) {
+      if (picks_on[static_cast<std::size_t>(q)] == 0) continue;
+      ++out.tokens_sent;
+      out.forward_request += row + 16 * static_cast<std::size_t>(picks_on[static_cast<std::size_t>(q)]);
+      out.backward_request += row;
+    }
+  }
+  // Back go g's share of dx for each (token, group) row, and a 4-byte dw for each pick.
+  out.backward_reply = out.forward_reply + 4 * own_picks;
+  return out;
+}
+
 /// Forward on every rank equals the single-process forward's rows of that rank, bit for bit.
-inline void check_forward(grove::communicator& comm, const shape& s, int threads, bool with_bias) {
+inline void check_forward(grove::communicator& comm, const shape& s, int threads, bool with_bias,
+                          placing mode = placing::balanced) {
   const int P = comm.size(), rank = comm.rank();
   CAPTURE(P);
   CAPTURE(rank);
@@ -86,11 +140,17 @@ inline void check_forward(grove::communicator& comm, const shape& s, int threads
   const grove::layer<config_t> single(config, params.view(), runner_with(1));
   const grove::row_matrix<float> want = rows_of_rank(single.forward(X), rank);
 
-  const auto placement = grove::group_placement::balanced(s.dims.groups, P);
+  const auto placement = placement_for(mode, params, s, X, P);
+  CAPTURE(placement.describe());
   layer_t layer(comm, placement, config, params.view().only_groups(placement.groups_of(rank)), runner_with(threads));
   const grove::row_matrix<float> x = rows_of_rank(X, rank);
   const grove::row_matrix<float> y = layer.forward(x);
   CHECK(same_bits(y, want));
+  const expected_traffic traffic =
+      traffic_of(grove::route(params.view(), {s.top_k, s.scale}, X), placement, P, rank, s.dims.hidden);
+  CHECK(layer.last_traffic().request_bytes == traffic.forward_request);
+  CHECK(layer.last_traffic().reply_bytes == traffic.forward_reply);
+  CHECK(layer.last_traffic().tokens_sent == traffic.tokens_sent);
   // A second call reuses nothing it should not: the same bits again.
   CHECK(same_bits(layer.forward(x), want));
 }
@@ -98,7 +158,8 @@ inline void check_forward(grove::communicator& comm, const shape& s, int threads
 /// Backward on every rank: dx of its tokens, the gradients of the tensors it holds (its groups'
 /// experts and adjugates, the router) equal the single-process ones, bit for bit; the other
 /// groups' gradients stay untouched (zero).
-inline void check_backward(grove::communicator& comm, const shape& s, bool keep_activations) {
+inline void check_backward(grove::communicator& comm, const shape& s, bool keep_activations,
+                           placing mode = placing::balanced) {
   const int P = comm.size(), rank = comm.rank();
   CAPTURE(P);
   CAPTURE(rank);
@@ -115,7 +176,8 @@ inline void check_backward(grove::communicator& comm, const shape& s, bool keep_
   grove::layer_parameters<float> want(s.dims);
   grove::backward<float>(*reference_runner, params.view(), plan, X, DY, want.span(), DX);
 
-  const auto placement = grove::group_placement::balanced(s.dims.groups, P);
+  const auto placement = placement_for(mode, params, s, X, P);
+  CAPTURE(placement.describe());
   layer_t layer(comm, placement, config, params.view().only_groups(placement.groups_of(rank)), runner_with(1));
   const grove::row_matrix<float> x = rows_of_rank(X, rank), dy = rows_of_rank(DY, rank);
   const auto forward = layer.forward_for_training(x, keep_activations);
@@ -124,6 +186,9 @@ inline void check_backward(grove::communicator& comm, const shape& s, bool keep_
   grove::row_matrix<float> dx = rows_of_rank(all_tokens(P, s.dims.hidden, 24), rank);
   layer.backward(forward, x, dy, grads.span(), dx);
   CHECK(same_bits(dx, rows_of_rank(DX, rank)));
+  const expected_traffic traffic = traffic_of(plan, placement, P, rank, s.dims.hidden);
+  CHECK(layer.last_traffic().request_bytes == traffic.backward_request);
+  CHECK(layer.last_traffic().reply_bytes == traffic.backward_reply);
 
   const Index group_size = s.dims.group_size();
   std::vector<const float*> got_tensors, want_tensors;

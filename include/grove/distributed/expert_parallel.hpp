@@ -92,28 +92,27 @@ class expert_parallel_layer {
   using scalar = activation_t<weight_type>;
 
   /// Collective: checks on every rank that all ranks agree on the layer (H, E, G, I, Ia, k, λ),
-  /// the placement and the instruction-set level (the bits depend on it).
+  /// the placement and the instruction-set level (the bits depend on it). Over a BF16 view the
+  /// selection bias is the view's (none for layer_parameters<bf16>::view(), whose bias is fp32):
+  /// pass the layer_parameters instead (the next constructor).
   expert_parallel_layer(communicator& comm, group_placement placement, Config config,
                         weights_view<weight_type> weights, std::shared_ptr<grove::runner> local = default_runner())
       : comm_(&comm), placement_(std::move(placement)) {
-    comm_->step("expert-parallel layer setup", [&] {
-      detail::require(placement_.ranks() == comm_->size(), "grove: the placement is for ", placement_.ranks(),
-                      " ranks but the communicator has ", comm_->size());
-      detail::require(placement_.groups() == config.dims().groups, "grove: the placement places ",
-                      placement_.groups(), " groups but the layer has G = ", config.dims().groups);
-      own_groups_ = placement_.groups_of(comm_->rank());
-      local_.emplace(config, weights.only_groups(own_groups_), std::move(local));
+    set_up(config.dims(), [&] { local_.emplace(config, weights.only_groups(own_groups_), std::move(local)); });
+  }
+
+  /// Same, owning this rank's weights: a shard of its groups (layer_parameters::shard, or
+  /// io::load_layer with placement.groups_of(rank)) or the whole layer. For BF16 weights this is
+  /// the constructor that keeps the selection bias, which a BF16 view cannot hold (it is fp32).
+  expert_parallel_layer(communicator& comm, group_placement placement, Config config,
+                        layer_parameters<weight_type> weights, std::shared_ptr<grove::runner> local = default_runner())
+      : comm_(&comm), placement_(std::move(placement)) {
+    set_up(config.dims(), [&] {
+      for (const index j : own_groups_)
+        detail::require(weights.view().holds_group(j), "grove: the weights of this rank hold no group ", j,
+                        ", which the placement gives it");
+      local_.emplace(config, std::move(weights), std::move(local));
     });
-    // Rank 0's signature, on every rank: each compares its own with it, so the error names
-    // the ranks that differ.
-    const std::string own = signature();
-    const std::uint64_t own_length = own.size();
-    const std::vector<std::uint64_t> lengths = gather_in_rank_order(*comm_, std::span<const std::uint64_t>(&own_length, 1));
-    const std::vector<char> all = gather_in_rank_order(*comm_, std::span<const char>(own.data(), own.size()));
-    const std::string first(all.data(), std::min<std::size_t>(all.size(), lengths.empty() ? 0 : lengths[0]));
-    comm_->agree("expert-parallel layer setup",
-                 own == first ? std::string()
-                              : "this rank's layer is " + own + " but rank 0's is " + first);
   }
 
   [[nodiscard]] communicator& comm() const { return *comm_; }
@@ -133,6 +132,10 @@ class expert_parallel_layer {
     run_forward(x, f, false);
     return std::move(f.y);
   }
+
+  /// y and this rank's routing (router logits, picks, weights: out.plan) in `out`, whose buffers
+  /// are reused from call to call; no activations are kept.
+  void forward(const_rows_ref<scalar> x, expert_parallel_forward<scalar>& out) { run_forward(x, out, false); }
 
   /// The training forward: y in the result, and what backward needs.
   [[nodiscard]] expert_parallel_forward<scalar> forward_for_training(const_rows_ref<scalar> x,
@@ -290,6 +293,30 @@ class expert_parallel_layer {
       at += n;
     }
     return out;
+  }
+
+  /// The constructors' collective part: `make_local` builds the local layer once the placement
+  /// is checked, then every rank compares its signature with rank 0's.
+  template <class MakeLocal>
+  void set_up(const layer_dims& dims, MakeLocal&& make_local) {
+    comm_->step("expert-parallel layer setup", [&] {
+      detail::require(placement_.ranks() == comm_->size(), "grove: the placement is for ", placement_.ranks(),
+                      " ranks but the communicator has ", comm_->size());
+      detail::require(placement_.groups() == dims.groups, "grove: the placement places ", placement_.groups(),
+                      " groups but the layer has G = ", dims.groups);
+      own_groups_ = placement_.groups_of(comm_->rank());
+      make_local();
+    });
+    // Rank 0's signature, on every rank: each compares its own with it, so the error names
+    // the ranks that differ.
+    const std::string own = signature();
+    const std::uint64_t own_length = own.size();
+    const std::vector<std::uint64_t> lengths = gather_in_rank_order(*comm_, std::span<const std::uint64_t>(&own_length, 1));
+    const std::vector<char> all = gather_in_rank_order(*comm_, std::span<const char>(own.data(), own.size()));
+    const std::string first(all.data(), std::min<std::size_t>(all.size(), lengths.empty() ? 0 : lengths[0]));
+    comm_->agree("expert-parallel layer setup",
+                 own == first ? std::string()
+                              : "this rank's layer is " + own + " but rank 0's is " + first);
   }
 
   /// What every rank must agree on: the layer, the placement and the instruction-set levels.

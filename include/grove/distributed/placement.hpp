@@ -4,7 +4,9 @@
 // across ranks, so that each adjugate is still evaluated once per (token, group) and its weight
 // c_j, a sum over that group's picks only, is known where it runs.
 
+#include <algorithm>
 #include <cstddef>
+#include <limits>
 #include <span>
 #include <string>
 #include <vector>
@@ -43,6 +45,90 @@ class group_placement {
     std::vector<index> counts(static_cast<std::size_t>(ranks), groups / ranks);
     for (index r = 0; r < groups % ranks; ++r) ++counts[static_cast<std::size_t>(r)];
     return group_placement(counts);
+  }
+
+  /// The placement by measured load: contiguous whole groups whose largest per-rank load is as
+  /// small as it can be, where a group's load is the picks of its experts (`expert_load`, E
+  /// entries: activation_stats::expert_load of a representative batch, or counts summed over
+  /// many). A hot group gets a rank to itself or shares one with cold neighbours; like DeepSeek's
+  /// EPLB it balances what the ranks compute, but it keeps each rank's groups contiguous, which
+  /// the canonical order of the partials' sum relies on. Among the placements with that largest
+  /// load it takes the most even one (the smallest sum of squared rank loads), and among those
+  /// the one whose earlier ranks hold more groups: the result depends on the loads only. Throws grove::error
+  /// unless 1 ≤ P ≤ G, G divides E = expert_load.size() and every load is ≥ 0.
+  [[nodiscard]] static group_placement by_load(std::span<const index> expert_load, index groups, int ranks) {
+    const auto experts = static_cast<index>(expert_load.size());
+    detail::require(groups >= 1 && experts >= groups && experts % groups == 0, "grove: group placement by load: ",
+                    experts, " expert loads cannot form G = ", groups, " groups of equal size");
+    (void)balanced(groups, ranks);  // its checks of P against G
+    const index group_size = experts / groups;
+    // prefix[j]: the load of groups [0, j).
+    std::vector<index> prefix(static_cast<std::size_t>(groups) + 1, 0);
+    for (index j = 0; j < groups; ++j) {
+      index load = 0;
+      for (index e = j * group_size; e < (j + 1) * group_size; ++e) {
+        const index picks = expert_load[static_cast<std::size_t>(e)];
+        detail::require(picks >= 0, "grove: group placement by load: expert ", e, " has the negative load ", picks);
+        load += picks;
+      }
+      prefix[static_cast<std::size_t>(j) + 1] = prefix[static_cast<std::size_t>(j)] + load;
+    }
+    const auto load_of = [&](index first, index end) {
+      return prefix[static_cast<std::size_t>(end)] - prefix[static_cast<std::size_t>(first)];
+    };
+    // 1. best[p][j]: the smallest largest load of groups [0, j) on ranks [0, p), each rank one
+    //    group at least. O(P·G²): G is at most a few hundred.
+    const auto P = static_cast<std::size_t>(ranks);
+    const auto G = static_cast<std::size_t>(groups);
+    constexpr index unreachable = std::numeric_limits<index>::max();
+    std::vector<std::vector<index>> best(P + 1, std::vector<index>(G + 1, unreachable));
+    best[0][0] = 0;
+    for (std::size_t p = 1; p <= P; ++p)
+      for (std::size_t j = p; j + (P - p) <= G; ++j)
+        for (std::size_t i = p - 1; i < j; ++i)
+          best[p][j] = std::min(best[p][j], std::max(best[p - 1][i], load_of(static_cast<index>(i), static_cast<index>(j))));
+    const index limit = best[P][G];
+    // 2. Among the placements whose ranks all stay within that load, the one with the smallest
+    //    sum of squared rank loads (the most even); cut[p][j]: where rank p-1's groups begin.
+    //    Ties go to the last rank's latest start, so the earlier ranks keep more groups.
+    const double none = std::numeric_limits<double>::infinity();
+    std::vector<std::vector<double>> spread(P + 1, std::vector<double>(G + 1, none));
+    std::vector<std::vector<std::size_t>> cut(P + 1, std::vector<std::size_t>(G + 1, 0));
+    spread[0][0] = 0.0;
+    for (std::size_t p = 1; p <= P; ++p) {
+      for (std::size_t j = p; j + (P - p) <= G; ++j) {
+        for (std::size_t i = j; i-- > p - 1;) {
+          const index load = load_of(static_cast<index>(i), static_cast<index>(j));
+          if (load > limit || spread[p - 1][i] == none) continue;
+          const double value = spread[p - 1][i] + static_cast<double>(load) * static_cast<double>(load);
+          if (value < spread[p][j]) {
+            spread[p][j] = value;
+            cut[p][j] = i;
+          }
+        }
+      }
+    }
+    std::vector<index> counts(P);
+    std::size_t end = G;
+    for (std::size_t p = P; p >= 1; --p) {
+      const std::size_t first = cut[p][end];
+      counts[p - 1] = static_cast<index>(end - first);
+      end = first;
+    }
+    return group_placement(counts);
+  }
+
+  /// Each rank's load under this placement: the picks of its groups' experts (`expert_load` as
+  /// for by_load).
+  [[nodiscard]] std::vector<index> rank_loads(std::span<const index> expert_load) const {
+    const auto experts = static_cast<index>(expert_load.size());
+    detail::require(groups() >= 1 && experts >= groups() && experts % groups() == 0, "grove: group placement: ", experts,
+                    " expert loads cannot form the placement's G = ", groups(), " groups");
+    const index group_size = experts / groups();
+    std::vector<index> loads(static_cast<std::size_t>(ranks()), 0);
+    for (index e = 0; e < experts; ++e)
+      loads[static_cast<std::size_t>(owner_of(e / group_size))] += expert_load[static_cast<std::size_t>(e)];
+    return loads;
   }
 
   [[nodiscard]] int ranks() const { return static_cast<int>(starts_.size()) - 1; }

@@ -166,12 +166,15 @@ struct moe_dims {
 /// `adjugates`, the routed part only (router, experts, bias: a plain MoE layer to upcycle).
 /// Loaders call it before they allocate: a header's shapes are checked against the data its
 /// file really holds only for dtypes grove knows, so an allocation sized from an unchecked
-/// shape could ask for terabytes on behalf of a file of a few hundred bytes.
+/// shape could ask for terabytes on behalf of a file of a few hundred bytes. With `groups`
+/// (sorted, as for layer_parameters::shard), the router, the bias and those groups' tensors only.
 inline void check_layer_tensors(const checkpoint& ckpt, std::string_view prefix, const layer_dims& dims,
-                                bool adjugates = true) {
-  const weights_view<float> layout(dims);
+                                bool adjugates = true, std::span<const index> groups = {}) {
+  const weights_view<float> full(dims);
+  const weights_view<float> layout = groups.empty() ? full : full.only_groups(groups);
   layout.for_each_tensor([&](const tensor_info& info, const float* const&) {
     if (!adjugates && detail::is_adjugate(info.role)) return;
+    if (!layout.holds(info)) return;
     const std::string name = tensor_name(prefix, info.name);
     const bool bias = info.role == tensor_role::selection_bias;
     if (bias && !ckpt.contains(name)) return;
@@ -220,11 +223,17 @@ void read_layer_tensors(const checkpoint& ckpt, std::string_view prefix, const w
 /// fp32 router copy and bias (docs/io.md, "BF16 weights"). Only this layer's bytes are read.
 /// Throws grove::error naming the full tensor name on a missing tensor, a wrong shape, an
 /// unsupported dtype, or a NaN/Inf weight.
+/// With `groups` (sorted ascending, without repeats), a shard (layer_parameters::shard): the
+/// router, the bias and those whole groups, read from the checkpoint and nothing else, so that
+/// an expert-parallel rank reads and holds its own groups' bytes only. Only those tensors are
+/// checked: a tensor missing from another group is another rank's error.
 template <weight_storage Storage>
-[[nodiscard]] layer_parameters<Storage> load_layer(const checkpoint& ckpt, std::string_view prefix) {
+[[nodiscard]] layer_parameters<Storage> load_layer(const checkpoint& ckpt, std::string_view prefix,
+                                                   std::span<const index> groups = {}) {
   const layer_dims dims = infer_layer_dims(ckpt, prefix);
-  check_layer_tensors(ckpt, prefix, dims);
-  layer_parameters<Storage> parameters(dims);
+  check_layer_tensors(ckpt, prefix, dims, /*adjugates=*/true, groups);
+  layer_parameters<Storage> parameters =
+      groups.empty() ? layer_parameters<Storage>(dims) : layer_parameters<Storage>::shard(dims, groups);
   read_layer_tensors(ckpt, prefix, parameters.span(), /*adjugates=*/true);
   using routing_scalar = typename layer_parameters<Storage>::routing_scalar;
   if constexpr (!std::is_same_v<routing_scalar, Storage>) {
@@ -240,8 +249,9 @@ template <weight_storage Storage>
 
 /// Same, opening `path` (a .safetensors file or a checkpoint directory).
 template <weight_storage Storage>
-[[nodiscard]] layer_parameters<Storage> load_layer(const std::filesystem::path& path, std::string_view prefix) {
-  return load_layer<Storage>(checkpoint(path), prefix);
+[[nodiscard]] layer_parameters<Storage> load_layer(const std::filesystem::path& path, std::string_view prefix,
+                                                   std::span<const index> groups = {}) {
+  return load_layer<Storage>(checkpoint(path), prefix, groups);
 }
 
 /// Adds every tensor of `weights` to `writer` under `prefix` with the checkpoint names, stored as

@@ -48,6 +48,17 @@ class mpi_communicator final : public communicator {
   }
   [[nodiscard]] MPI_Comm handle() const { return comm_; }
 
+  /// How many ranks of this communicator share this rank's node (shared memory): a program
+  /// divides the node's cores by it to give each rank its share. Collective.
+  [[nodiscard]] int ranks_on_this_node() const {
+    MPI_Comm node = MPI_COMM_NULL;
+    check(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node), "MPI_Comm_split_type");
+    int count = 1;
+    MPI_Comm_size(node, &count);
+    MPI_Comm_free(&node);
+    return count;
+  }
+
   void all_to_all_v(std::span<const std::byte> send, std::span<const std::size_t> send_counts,
                     std::vector<std::byte>& recv, std::vector<std::size_t>& recv_counts) override {
     const auto P = static_cast<std::size_t>(size_);

@@ -29,6 +29,12 @@ GROVE_BEGIN_NAMESPACE
 ///   auto plan = grove::route(w.routing_view(), {k, lambda}, x);
 ///   runner.forward(w.view(), plan, x, y);
 ///
+/// A *shard* holds the router, the bias and some whole groups only (their experts and adjugates,
+/// under their global ids): what one rank of an expert-parallel layer keeps, with the memory of
+/// those groups alone (docs/distributed.md). Its views are those of layer_weights::only_groups.
+///
+///   auto mine = grove::layer_parameters<float>::shard(dims, placement.groups_of(rank));
+///
 /// Large buffers are 2 MiB aligned and advised to use huge pages (huge_page_allocator).
 template <weight_storage Storage>
 class layer_parameters {
@@ -46,6 +52,21 @@ class layer_parameters {
     if constexpr (has_routing_copy) router_.assign(static_cast<std::size_t>(dims.experts * dims.hidden), 0.0f);
   }
 
+  /// A shard: the router, the bias and the listed whole groups, all zero. `groups`: sorted
+  /// ascending, without repeats, each in [0, G), not empty.
+  [[nodiscard]] static layer_parameters shard(const layer_dims& dims, std::span<const index> groups) {
+    dims.validate();
+    detail::require_group_list(groups, dims.groups, "layer_parameters::shard");
+    detail::require(!groups.empty(), "grove: layer_parameters::shard: the group list is empty (a shard holds one group at least)");
+    layer_parameters p;
+    p.dims_ = dims;
+    p.held_groups_.assign(groups.begin(), groups.end());
+    p.values_.assign(static_cast<std::size_t>(shard_parameters(dims, groups)), Storage(0));
+    p.bias_.assign(static_cast<std::size_t>(dims.experts), routing_scalar(0));
+    if constexpr (has_routing_copy) p.router_.assign(static_cast<std::size_t>(dims.experts * dims.hidden), 0.0f);
+    return p;
+  }
+
   /// Every trainable weight drawn from N(0, stddev²) with a fixed, portable generator (rounded
   /// to the format once); bias zero.
   static layer_parameters random(const layer_dims& dims, std::uint64_t seed, double stddev) {
@@ -57,17 +78,20 @@ class layer_parameters {
   }
 
   /// `weights` in this format: each tensor converted once (rounded to nearest even into BF16),
-  /// the bias kept in the routing type.
+  /// the bias kept in the routing type. A view of some groups (only_groups) gives a shard of
+  /// the same groups.
   template <weight_storage From>
   static layer_parameters from(const weights_view<From>& weights) {
     weights.require_complete();
-    layer_parameters out(weights.dims());
+    layer_parameters out = weights.held_groups().empty() ? layer_parameters(weights.dims())
+                                                         : shard(weights.dims(), weights.held_groups());
     std::size_t at = 0;
     weights.for_each_tensor([&](const tensor_info& info, const From* const& p) {
       if (info.role == tensor_role::selection_bias) {
         if (p != nullptr) widen(p, static_cast<std::size_t>(info.rows), out.bias_.data());
         return;
       }
+      if (!out.holds(info)) return;
       for (index i = 0; i < info.size(); ++i)
         out.values_[at + static_cast<std::size_t>(i)] =
             format_traits<Storage>::from_float(format_traits<From>::to_float(p[i]));
@@ -78,6 +102,8 @@ class layer_parameters {
   }
 
   [[nodiscard]] const layer_dims& dims() const { return dims_; }
+  /// The groups a shard holds, ascending; empty when every group is held.
+  [[nodiscard]] std::span<const index> held_groups() const { return held_groups_; }
 
   /// Read-only view of every tensor; valid while this object lives (moving it keeps the
   /// buffers). For a format with an fp32 routing copy the bias is not in this view (it is not
@@ -116,13 +142,15 @@ class layer_parameters {
   [[nodiscard]] std::span<routing_scalar> bias() { return bias_; }
   [[nodiscard]] std::span<const routing_scalar> bias() const { return bias_; }
 
-  /// Bytes held: every tensor, the routing copy and the bias.
-  [[nodiscard]] std::size_t bytes() const { return bytes_for(dims_); }
-  /// What bytes() is for a layer of these dims.
-  [[nodiscard]] static std::size_t bytes_for(const layer_dims& dims) {
+  /// Bytes held: every tensor (of a shard: its groups' and the router), the routing copy and
+  /// the bias.
+  [[nodiscard]] std::size_t bytes() const { return bytes_for(dims_, held_groups_); }
+  /// What bytes() is for a layer of these dims, or for a shard of the listed groups (empty:
+  /// every group).
+  [[nodiscard]] static std::size_t bytes_for(const layer_dims& dims, std::span<const index> groups = {}) {
     const auto experts = static_cast<std::size_t>(dims.experts);
     const std::size_t copy = has_routing_copy ? experts * static_cast<std::size_t>(dims.hidden) * sizeof(float) : 0;
-    return static_cast<std::size_t>(total_parameters(dims)) * sizeof(Storage) + copy +
+    return static_cast<std::size_t>(shard_parameters(dims, groups)) * sizeof(Storage) + copy +
            experts * sizeof(routing_scalar);
   }
 
@@ -145,6 +173,12 @@ class layer_parameters {
       return nullptr;
   }
 
+  /// Whether a tensor's memory is here: the router, and every expert and adjugate of a held group.
+  [[nodiscard]] bool holds(const tensor_info& info) const {
+    const index group = group_of_tensor(info, dims_.group_size());
+    return held_groups_.empty() || group < 0 || std::binary_search(held_groups_.begin(), held_groups_.end(), group);
+  }
+
   template <class T>
   layer_weights<T> bind(T* values, T* bias) const {
     layer_weights<T> w(dims_);
@@ -152,18 +186,19 @@ class layer_parameters {
     w.for_each_tensor([&](const tensor_info& info, T*& p) {
       if (info.role == tensor_role::selection_bias) {
         p = bias;
-      } else {
+      } else if (holds(info)) {
         p = cursor;
         cursor += info.size();
       }
     });
-    return w;
+    return held_groups_.empty() ? w : w.only_groups(held_groups_);
   }
 
   template <class T>
   using buffer = std::vector<T, detail::huge_page_allocator<T>>;
 
   layer_dims dims_{};
+  std::vector<index> held_groups_;  // a shard's groups, ascending; empty: every group
   buffer<Storage> values_;
   std::vector<routing_scalar> bias_;
   std::vector<float> router_;  // the fp32 routing copy of the router, for formats that keep one

@@ -36,6 +36,22 @@ struct tensor_info {
   [[nodiscard]] index size() const { return rows * cols; }
 };
 
+/// The group a tensor belongs to (its expert's, or its adjugate's); -1 for the router and the
+/// bias, which belong to no group: every shard of a layer holds them.
+[[nodiscard]] inline index group_of_tensor(const tensor_info& info, index group_size) {
+  switch (info.role) {
+    case tensor_role::expert_gate:
+    case tensor_role::expert_up:
+    case tensor_role::expert_down: return info.owner / group_size;
+    case tensor_role::adjugate_gate:
+    case tensor_role::adjugate_up:
+    case tensor_role::adjugate_down: return info.owner;
+    case tensor_role::router:
+    case tensor_role::selection_bias: break;
+  }
+  return -1;
+}
+
 /// Pointers to every tensor of one layer, with the sizes that give them shape. `T` is
 /// `const Scalar` for a read-only view (`weights_view`) or `Scalar` for a writable one
 /// (`weights_span`, for gradients and optimizers). The memory belongs to someone else:
@@ -124,18 +140,18 @@ class layer_weights {
   }
   /// The groups this view holds, ascending; empty when it holds all of them.
   [[nodiscard]] std::span<const index> held_groups() const { return held_groups_; }
+  /// Whether the tensor `info` describes belongs to this view: the router and the bias always,
+  /// an expert or an adjugate when its group is held.
+  [[nodiscard]] bool holds(const tensor_info& info) const {
+    const index group = group_of_tensor(info, dims_.group_size());
+    return group < 0 || holds_group(group);
+  }
 
   /// Throws grove::error naming the first tensor that was never bound. A view made by
   /// only_groups needs only the tensors of the groups it holds (and the router).
   void require_complete() const {
-    const index group_size = dims_.group_size();
     for_each_tensor([&](const tensor_info& info, T* const& p) {
-      if (info.role == tensor_role::selection_bias) return;
-      const bool expert = info.role == tensor_role::expert_gate || info.role == tensor_role::expert_up ||
-                          info.role == tensor_role::expert_down;
-      const bool adjugate = info.role == tensor_role::adjugate_gate || info.role == tensor_role::adjugate_up ||
-                            info.role == tensor_role::adjugate_down;
-      if ((expert && !holds_group(info.owner / group_size)) || (adjugate && !holds_group(info.owner))) return;
+      if (info.role == tensor_role::selection_bias || !holds(info)) return;
       detail::require(p != nullptr, "grove: missing tensor '" + info.name + "' in layer weights");
     });
   }
