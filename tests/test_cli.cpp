@@ -17,7 +17,6 @@
 #include <string>
 #include <vector>
 
-#include <sys/wait.h>
 
 #include <grove/io.hpp>
 #include <grove/simd/arch.hpp>
@@ -33,27 +32,12 @@ namespace io = grove::io;
 using grove_test::temp_dir;
 
 
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-struct cli_result {
-  int code = -1;  ///< exit status; -1 when the process did not exit normally (a crash)
-  std::string out, err;
-};
+using grove_test::slurp;
+using cli_result = grove_test::command_result;
 
 /// Runs `grove <args>` with stdout and stderr captured in files of `dir`.
 cli_result grove_cli(const temp_dir& dir, const std::string& args) {
-  const std::string out = dir / "stdout.txt";
-  const std::string err = dir / "stderr.txt";
-  const std::string command = std::string("'") + GROVE_CLI_PATH + "' " + args + " >'" + out + "' 2>'" + err + "'";
-  const int status = std::system(command.c_str());
-  cli_result r;
-  r.code = (status != -1 && WIFEXITED(status)) ? WEXITSTATUS(status) : -1;
-  r.out = slurp(out);
-  r.err = slurp(err);
-  return r;
+  return grove_test::run_command(std::string("'") + GROVE_CLI_PATH + "' " + args, dir);
 }
 
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }

@@ -30,56 +30,14 @@
 #include <vector>
 
 #include "svg_plot.hpp"
+#include "task.hpp"
 
 namespace {
 
+using experiment::hyper;
+using experiment::task;
 using grove::index;
 using matrix = grove::row_matrix<float>;
-
-// ---------------------------------------------------------------------------------------------
-// The task
-// ---------------------------------------------------------------------------------------------
-
-struct task {
-  index input = 16, output = 16, clusters = 32, families = 8;
-  double zipf = 1.0, noise = 0.35;
-  matrix centers;            // [C, D_in]
-  std::vector<matrix> maps;  // C maps [D_out, D_in]: family part + cluster part
-  std::vector<double> cdf;   // cluster sampling
-
-  explicit task(std::uint64_t seed) {
-    grove::detail::normal_generator g(seed);
-    centers.resize(clusters, input);
-    for (index i = 0; i < centers.size(); ++i) centers.data()[i] = float(g.normal());
-    std::vector<matrix> family(static_cast<std::size_t>(families), matrix(output, input));
-    const double s = 1.0 / std::sqrt(double(input));
-    for (auto& f : family)
-      for (index i = 0; i < f.size(); ++i) f.data()[i] = float(s * g.normal());
-    for (index c = 0; c < clusters; ++c) {
-      matrix m = family[static_cast<std::size_t>(c % families)];
-      for (index i = 0; i < m.size(); ++i) m.data()[i] += float(0.7 * s * g.normal());
-      maps.push_back(m);
-    }
-    double total = 0;
-    for (index c = 0; c < clusters; ++c) cdf.push_back(total += std::pow(double(c + 1), -zipf));
-    for (double& v : cdf) v /= total;
-  }
-
-  /// T samples: inputs u [T, D_in], targets y [T, D_out], cluster ids.
-  void sample(index tokens, grove::detail::normal_generator& g, matrix& u, matrix& y, std::vector<int>& ids) const {
-    u.resize(tokens, input);
-    y.resize(tokens, output);
-    ids.resize(static_cast<std::size_t>(tokens));
-    for (index t = 0; t < tokens; ++t) {
-      const double r = g.uniform();
-      const auto c = static_cast<index>(std::lower_bound(cdf.begin(), cdf.end(), r) - cdf.begin());
-      const index cc = std::min(c, clusters - 1);
-      ids[static_cast<std::size_t>(t)] = int(cc);
-      for (index i = 0; i < input; ++i) u(t, i) = centers(cc, i) + float(noise * g.normal());
-      y.row(t) = u.row(t) * maps[static_cast<std::size_t>(cc)].transpose();
-    }
-  }
-};
 
 // ---------------------------------------------------------------------------------------------
 // The model
@@ -91,15 +49,6 @@ struct run_config {
   std::string color;
   bool adjugates = true;
   bool balance = true;
-};
-
-struct hyper {
-  index hidden = 64, experts = 32, groups = 8, top_k = 4, expert_inter = 32, adjugate_inter = 16;
-  double lambda = 0.2;  // <= G / E = 0.25
-  index layers = 2;
-  double learning_rate = 3e-3, warmup = 20, weight_decay = 0.01;
-  double bias_rate = 0.005;
-  double norm_eps = 1e-6;
 };
 
 struct moe_block {
@@ -136,13 +85,8 @@ struct model {
     dims = adjugates ? grove::layer_dims{h.hidden, h.experts, h.groups, h.expert_inter, h.adjugate_inter}
                      : grove::layer_dims{h.hidden, h.experts, 1,
                                          h.expert_inter + h.adjugate_inter * std::min(h.top_k, h.groups) / h.top_k, 1};
-    grove::detail::normal_generator g(seed);
-    dense.resize(static_cast<std::size_t>(h.hidden * d_in + d_out * h.hidden));
+    dense = experiment::initial_dense(h, d_in, d_out, seed);
     ddense.assign(dense.size(), 0.0f);
-    for (std::size_t i = 0; i < dense.size(); ++i) {
-      const bool first = i < static_cast<std::size_t>(h.hidden * d_in);
-      dense[i] = float(g.normal() / std::sqrt(double(first ? d_in : h.hidden)));
-    }
     final_gain.assign(static_cast<std::size_t>(h.hidden), 1.0f);
     dfinal_gain.assign(final_gain.size(), 0.0f);
     for (index l = 0; l < h.layers; ++l) {
@@ -160,16 +104,16 @@ struct model {
     }
   }
 
-  static grove::adamw<float> adam(double wd) {
-    grove::adamw_options o;
-    o.beta2 = 0.99;
-    o.weight_decay = wd;
-    return grove::adamw<float>(o);
-  }
+  static grove::adamw<float> adam(double wd) { return experiment::adam(wd); }
   grove::matrix_map<float> w_in(std::vector<float>& v) { return {v.data(), hp.hidden, d_in}; }
   grove::matrix_map<float> w_out(std::vector<float>& v) { return {v.data() + hp.hidden * d_in, d_out, hp.hidden}; }
 
-  grove::routing_options routing() const { return {hp.top_k, adjugates ? hp.lambda : 0.0}; }
+  /// A plain MoE routes with adjugate_mode::none: its plans dispatch to routed experts only (the
+  /// one-group, Ia = 1 adjugate it carries is never run).
+  grove::routing_options routing() const {
+    return {hp.top_k, adjugates ? hp.lambda : 0.0,
+            adjugates ? grove::adjugate_mode::once_per_token : grove::adjugate_mode::none};
+  }
 
   /// Forward of a batch, keeping what backward needs. Returns the mean squared error.
   double forward(const matrix& u, const matrix& target) {
@@ -179,10 +123,6 @@ struct model {
       b.normed.resize(x.rows(), x.cols());
       grove::rms_norm<float>(b.x, b.gain, hp.norm_eps, b.normed);
       b.plan = grove::route(b.params.view(), routing(), b.normed);
-      if (!adjugates) {  // a plain MoE: the plan dispatches to routed experts only
-        b.plan.adjugate_rows.clear();
-        std::fill(b.plan.adjugate_offsets.begin(), b.plan.adjugate_offsets.end(), index(0));
-      }
       b.y.resize(x.rows(), x.cols());
       grove::forward_saving<float>(b.params.view(), b.plan, b.normed, b.y, b.saved);
       x += b.y;
@@ -215,7 +155,7 @@ struct model {
   }
 
   void update(int step, bool balance) {
-    const double lr = hp.learning_rate * std::min(1.0, double(step + 1) / hp.warmup);
+    const double lr = experiment::learning_rate(hp, step);
     dense_opt.set_learning_rate(lr);
     gain_opt.set_learning_rate(lr);
     dense_opt.step(dense, ddense);

@@ -34,3 +34,4 @@
 #include "grove/distributed/communicator.hpp"
 #include "grove/distributed/placement.hpp"
 #include "grove/distributed/expert_parallel.hpp"
+#include "grove/distributed/timed_communicator.hpp"

@@ -9,11 +9,8 @@
 
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
-#include <iterator>
 #include <string>
 
-#include <sys/wait.h>
 
 #include <grove/io.hpp>
 
@@ -26,15 +23,8 @@ namespace {
 namespace io = grove::io;
 using grove_test::temp_dir;
 
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-struct result {
-  int code = -1;  ///< exit status; -1 when the command did not exit normally
-  std::string out, err;
-};
+using grove_test::slurp;
+using result = grove_test::command_result;
 
 /// Runs `grove ARGS` alone (ranks = 0) or under `mpirun -np RANKS`, capturing its output.
 result run_grove(const temp_dir& dir, int ranks, const std::string& args) {
@@ -42,13 +32,7 @@ result run_grove(const temp_dir& dir, int ranks, const std::string& args) {
   if (ranks > 0)
     command = "'" + std::string(GROVE_MPIEXEC) + "' -np " + std::to_string(ranks) +
               " --oversubscribe --bind-to none " + command;
-  command += " >'" + (dir / "stdout.txt") + "' 2>'" + (dir / "stderr.txt") + "'";
-  const int status = std::system(command.c_str());
-  result r;
-  r.code = (status != -1 && WIFEXITED(status)) ? WEXITSTATUS(status) : -1;
-  r.out = slurp(dir / "stdout.txt");
-  r.err = slurp(dir / "stderr.txt");
-  return r;
+  return grove_test::run_command(command, dir);
 }
 
 /// The tensors whose bytes differ between two safetensors files (or that one of them lacks), to

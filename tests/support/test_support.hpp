@@ -9,12 +9,17 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <span>
 #include <string>
 #include <system_error>
 #include <type_traits>
+
+#include <sys/wait.h>
 
 namespace grove_test {
 
@@ -41,6 +46,30 @@ class temp_dir {
  private:
   std::filesystem::path path_;
 };
+
+/// A file's bytes ("" when it cannot be read).
+inline std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+/// What a shell command did: its exit status (-1 when it did not exit normally, e.g. a crash)
+/// and what it printed.
+struct command_result {
+  int code = -1;
+  std::string out, err;
+};
+
+/// Runs `command` through the shell with stdout and stderr captured in files of `dir`.
+inline command_result run_command(const std::string& command, const temp_dir& dir) {
+  const std::string out = dir / "stdout.txt", err = dir / "stderr.txt";
+  const int status = std::system((command + " >'" + out + "' 2>'" + err + "'").c_str());
+  command_result r;
+  r.code = (status != -1 && WIFEXITED(status)) ? WEXITSTATUS(status) : -1;
+  r.out = slurp(out);
+  r.err = slurp(err);
+  return r;
+}
 
 /// A [rows, cols] matrix of N(0, stddev²) draws, reproducible from `seed`.
 template <class Scalar>

@@ -74,6 +74,21 @@ class adamw {
     step(parameters.values(), gradients.values());
   }
 
+  /// The state, for saving a run: the first and second moments (empty before the first step).
+  [[nodiscard]] std::span<const Scalar> first_moment() const { return m_; }
+  [[nodiscard]] std::span<const Scalar> second_moment() const { return v_; }
+
+  /// Continues a saved run: `steps` taken, with these moments (of the length of the vector the
+  /// optimizer serves). The next step is step steps + 1, as if the run had never stopped.
+  void restore(std::int64_t steps, std::span<const Scalar> first, std::span<const Scalar> second) {
+    detail::require(steps >= 0 && first.size() == second.size() && (steps > 0 || first.empty()),
+                    "grove: adamw restore wants steps >= 0 and two moments of one length (empty at step 0), got ",
+                    steps, " steps and moments of ", first.size(), " and ", second.size(), " values");
+    steps_ = steps;
+    m_.assign(first.begin(), first.end());
+    v_.assign(second.begin(), second.end());
+  }
+
   /// Forget the moments and the step count (the next step starts afresh).
   void reset() {
     steps_ = 0;
