@@ -12,6 +12,11 @@
 //   plain_moe/<fmt>/T:<T>/threads:<n>  (e) the same layer without adjugates
 //   naive/T:<T>                        (f) token by token, Eigen matrix-vector products
 //   simple/T:<T>                       cpu::forward_experts_simple (the former kernel)
+//   grove/{q8,q4}/T:<T>/threads:<n>    the same pass with block-quantized weights (formats/quantized.hpp)
+//   cold/<fmt>/T:<T>/threads:<n>       decode (T = 1, 16) with the weights out of cache: each
+//                                      iteration runs the next of 16 batches of other tokens, whose
+//                                      experts together exceed the last-level cache, as a 48-layer
+//                                      decode does (the grove/ cases repeat one batch)
 //   backward/fp32/T:<T>/threads:<n>    the fused backward (cpu_runner::backward) from saved g, u
 //   backward_recompute/fp32/...        the same, recomputing g and u (no saved activations)
 //   simple_backward/T:<T>              cpu::backward_experts_simple (per-item Eigen, one thread)
@@ -93,12 +98,33 @@ struct batch_plans {
   grove::routing_plan<float> grove, per_pick, plain_moe;
 };
 
+/// Batches of decode that rotate through other tokens (cold/ cases): batch i of size T is rows
+/// [i·T, (i + 1)·T) of x.
+constexpr int cold_batches = 16;
+
 struct model {
   std::vector<float, grove::detail::huge_page_allocator<float>> values;
   grove::weights_view<float> f32;
   grove::layer_parameters<grove::bf16> bf16;
   row_matrix<float> x;  // [512, H]
   std::map<index, batch_plans> plans_f32, plans_bf16;
+  std::map<std::pair<index, bool>, std::vector<grove::routing_plan<float>>> cold_plans;  // (T, bf16): the batches' plans
+
+  /// The block formats, quantized from the fp32 weights on first use (their routing is the fp32
+  /// router's: plans_f32 serve them).
+  template <class Block>
+  const grove::layer_parameters<Block>& blocks() {
+    static const grove::layer_parameters<Block> quantized = grove::layer_parameters<Block>::from(f32);
+    return quantized;
+  }
+  /// The cold batches' plans: routed by the fp32 router, or by BF16's (its router rounded).
+  const std::vector<grove::routing_plan<float>>& cold(index T, bool bf16_router) {
+    auto& plans = cold_plans[{T, bf16_router}];
+    if (plans.empty())
+      for (int i = 0; i < cold_batches; ++i)
+        plans.push_back(grove::route<float>(bf16_router ? bf16.routing_view() : f32, {top_k, lambda}, x.middleRows(i * T, T)));
+    return plans;
+  }
 
   model() : values(static_cast<std::size_t>(grove::total_parameters(dims))), f32(dims) {
     fill_uniform(values.data(), values.size(), 1, 0.02f);
@@ -163,17 +189,22 @@ struct plan_cost {
 template <class W>
 plan_cost cost_of(const grove::weights_view<W>& w, const grove::routing_plan<float>& plan) {
   plan_cost c;
-  auto add = [&](const grove::swiglu_weights<const W>& mlp, std::size_t rows) {
+  auto add = [&](const grove::mlp_tensors<const W>& mlp, std::size_t rows) {
     if (rows == 0) return;
-    const auto inter = static_cast<double>(mlp.gate.rows());
+    const auto inter = static_cast<double>(mlp.inter);
     c.flops += 6.0 * double(dims.hidden) * inter * double(rows);
-    for (const W* p : {mlp.gate.data(), mlp.up.data(), mlp.down.data()}) {
-      const std::size_t n = static_cast<std::size_t>(dims.hidden) * static_cast<std::size_t>(inter) * sizeof(W);
-      c.ranges.emplace_back(p, n);
-      c.bytes += double(n);
+    // Bytes as stored: gate and up are [inter, H], down [H, inter], in the format's units.
+    const auto units = [](index rows_, index cols) {
+      return static_cast<std::size_t>(rows_ * grove::units_per_row<W>(cols)) * sizeof(W);
+    };
+    const std::size_t sizes[] = {units(mlp.inter, dims.hidden), units(mlp.inter, dims.hidden), units(dims.hidden, mlp.inter)};
+    const W* starts[] = {mlp.gate, mlp.up, mlp.down};
+    for (int i = 0; i < 3; ++i) {
+      c.ranges.emplace_back(starts[i], sizes[i]);
+      c.bytes += double(sizes[i]);
     }
   };
-  for (index e = 0; e < dims.experts; ++e) add(w.expert(e), plan.rows_of_expert(e).size());
+  for (index e = 0; e < dims.experts; ++e) add(w.expert_tensors(e), plan.rows_of_expert(e).size());
   // Adjugate rows by mode: the plan's group rows, one per pick, or none.
   for (index j = 0; j < dims.groups; ++j) {
     std::size_t rows = 0;
@@ -182,7 +213,7 @@ plan_cost cost_of(const grove::weights_view<W>& w, const grove::routing_plan<flo
     } else if (plan.adjugates == grove::adjugate_mode::once_per_pick) {
       for (index e = j * plan.group_size; e < (j + 1) * plan.group_size; ++e) rows += plan.rows_of_expert(e).size();
     }
-    add(w.adjugate(j), rows);
+    add(w.adjugate_tensors(j), rows);
   }
   return c;
 }
@@ -211,31 +242,72 @@ void set_counters(benchmark::State& state, index T, const plan_cost& c, const pr
   state.counters["bytes_per_iter"] = c.bytes;
 }
 
-enum class format { fp32, bf16 };
+enum class format { fp32, bf16, q8, q4 };
 enum class variant { grove, per_pick, plain_moe };
+
+/// Calls fn(weights view) with the model's weights in `fmt`.
+template <class Fn>
+decltype(auto) with_weights(format fmt, Fn&& fn) {
+  model& m = the_model();
+  switch (fmt) {
+    case format::bf16: return fn(m.bf16.view());
+    case format::q8: return fn(m.blocks<grove::q8_block>().view());
+    case format::q4: return fn(m.blocks<grove::q4_block>().view());
+    case format::fp32: break;
+  }
+  return fn(m.f32);
+}
 
 void bm_experts(benchmark::State& state, format fmt, variant which, index T, int threads) {
   model& m = the_model();
-  const batch_plans& plans = fmt == format::fp32 ? m.plans_f32.at(T) : m.plans_bf16.at(T);
+  const batch_plans& plans = fmt == format::bf16 ? m.plans_bf16.at(T) : m.plans_f32.at(T);
   const grove::routing_plan<float>& plan =
       which == variant::grove ? plans.grove : which == variant::per_pick ? plans.per_pick : plans.plain_moe;
   grove::cpu_runner& eng = engine(threads);
   row_matrix<float> y(T, dims.hidden);
   const auto x = m.x.topRows(T);
+  plan_cost c;
   const process_cpu_timer cpu;
-  for (auto _ : state) {
-    if (fmt == format::fp32)
-      eng.forward(m.f32, plan, x, y);
-    else
-      eng.forward(m.bf16.view(), plan, x, y);
-    benchmark::DoNotOptimize(y.data());
-    benchmark::ClobberMemory();
-  }
-  const plan_cost c = fmt == format::fp32 ? cost_of(m.f32, plan) : cost_of(m.bf16.view(), plan);
+  with_weights(fmt, [&](const auto& weights) {
+    for (auto _ : state) {
+      eng.forward(weights, plan, x, y);
+      benchmark::DoNotOptimize(y.data());
+      benchmark::ClobberMemory();
+    }
+    c = cost_of(weights, plan);
+  });
   set_counters(state, T, c, cpu);
   state.counters["workspace_mb"] = double(eng.workspace_bytes()) * 1e-6;
   state.counters["gate_up_ms"] = eng.last_timings().gate_up * 1e3;
   state.counters["down_ms"] = eng.last_timings().down * 1e3;
+  state.SetLabel(grove::simd::isa_name(eng.isa()));
+}
+
+/// Decode with cold weights: iteration i runs batch i mod 16 of other tokens, so that the weights
+/// a batch reads were last read 15 batches ago, with some 600 MB (fp32) to 150 MB (q4) of other
+/// experts in between: out of the last-level cache, as in a 48-layer model's decode.
+void bm_cold(benchmark::State& state, format fmt, index T, int threads) {
+  model& m = the_model();
+  const std::vector<grove::routing_plan<float>>& batches = m.cold(T, fmt == format::bf16);
+  grove::cpu_runner& eng = engine(threads);
+  row_matrix<float> y(T, dims.hidden);
+  plan_cost c;
+  const process_cpu_timer cpu;
+  with_weights(fmt, [&](const auto& weights) {
+    int i = 0;
+    for (auto _ : state) {
+      eng.forward(weights, batches[static_cast<std::size_t>(i)], m.x.middleRows(i * T, T), y);
+      benchmark::DoNotOptimize(y.data());
+      benchmark::ClobberMemory();
+      i = (i + 1) % cold_batches;
+    }
+    for (const auto& plan : batches) {
+      const plan_cost one = cost_of(weights, plan);
+      c.flops += one.flops / cold_batches;
+      c.bytes += one.bytes / cold_batches;
+    }
+  });
+  set_counters(state, T, c, cpu);
   state.SetLabel(grove::simd::isa_name(eng.isa()));
 }
 
@@ -434,8 +506,8 @@ float sweep(const float* p, std::size_t n) {
 
 void bm_read_sweep(benchmark::State& state, format fmt, index T, int threads) {
   model& m = the_model();
-  const plan_cost c =
-      fmt == format::fp32 ? cost_of(m.f32, m.plans_f32.at(T).grove) : cost_of(m.bf16.view(), m.plans_bf16.at(T).grove);
+  const grove::routing_plan<float>& plan = fmt == format::bf16 ? m.plans_bf16.at(T).grove : m.plans_f32.at(T).grove;
+  const plan_cost c = with_weights(fmt, [&](const auto& weights) { return cost_of(weights, plan); });
   // Split the bytes evenly over the threads, in 4-byte words.
   std::vector<std::pair<const float*, std::size_t>> words;
   for (const auto& [p, bytes] : c.ranges) words.emplace_back(static_cast<const float*>(p), bytes / 4);
@@ -527,7 +599,7 @@ void register_all() {
   auto add = [](const std::string& name, auto fn) {
     return benchmark::RegisterBenchmark(name.c_str(), fn)->UseRealTime()->Unit(benchmark::kMillisecond);
   };
-  const char* fmt_name[] = {"fp32", "bf16"};
+  const char* fmt_name[] = {"fp32", "bf16", "q8", "q4"};
   for (int threads : {1, 2}) {
     add("fma_peak/threads:" + std::to_string(threads), [threads](benchmark::State& s) { bm_fma_peak(s, threads); });
     for (index T : token_counts) {
@@ -539,6 +611,17 @@ void register_all() {
         add("per_pick/" + f + tt, [=](benchmark::State& s) { bm_experts(s, fmt, variant::per_pick, T, threads); });
         add("plain_moe/" + f + tt, [=](benchmark::State& s) { bm_experts(s, fmt, variant::plain_moe, T, threads); });
       }
+      for (format fmt : {format::q8, format::q4}) {
+        const std::string f = fmt_name[static_cast<int>(fmt)];
+        add("grove/" + f + tt, [=](benchmark::State& s) { bm_experts(s, fmt, variant::grove, T, threads); });
+        add("read_sweep/" + f + tt, [=](benchmark::State& s) { bm_read_sweep(s, fmt, T, threads); });
+        add("plain_moe/" + f + tt, [=](benchmark::State& s) { bm_experts(s, fmt, variant::plain_moe, T, threads); });
+      }
+      if (T <= 16)
+        for (format fmt : {format::fp32, format::bf16, format::q8, format::q4}) {
+          const std::string f = fmt_name[static_cast<int>(fmt)];
+          add("cold/" + f + tt, [=](benchmark::State& s) { bm_cold(s, fmt, T, threads); });
+        }
       add("dense_sgemm" + tt, [=](benchmark::State& s) { bm_dense_sgemm(s, T, threads); });
       add("backward/fp32" + tt, [=](benchmark::State& s) { bm_backward(s, T, threads, true); });
       add("backward_recompute/fp32" + tt, [=](benchmark::State& s) { bm_backward(s, T, threads, false); });

@@ -516,6 +516,233 @@ TEST_CASE("cli: run --dtype bf16 keeps the weights in BF16, routes in fp32, and 
   }
 }
 
+TEST_CASE("cli: run --dtype q8 and q4 quantize at load, route in fp32, and stay near the reference") {
+  temp_dir dir;
+  const ref_layer L = make_layer(37, true, /*coarse=*/false);
+  write_layer(dir / "w.safetensors", L, "blocks.2.moe", io::dtype::f32);
+  const auto x = make_input(38, tokens, L.H);
+  write_input(dir / "in.safetensors", x, tokens, L.H, io::dtype::f32);
+  auto run = [&](const std::string& out, const std::string& extra) {
+    return grove_cli(dir, "run --weights '" + dir / "w.safetensors" + "' --prefix blocks.2.moe --input '" +
+                              dir / "in.safetensors" + "' --output '" + dir / out + "' --top-k 5 --scale 0.1 " + extra);
+  };
+  REQUIRE(run("f32.safetensors", "--dtype f32").code == 0);
+  const ref_output ref = reference(L, x, tokens, 5, 0.1);
+  // The relative error of y against the reference: q8 quantizes weights and activations to 8
+  // bits (about 0.4% per value), q4 the weights to 4 bits (about 7%).
+  for (const auto& format : {std::pair<std::string, double>{"q8", 0.03}, {"q4", 0.25}}) {
+    const std::string& dtype = format.first;  // not a structured binding: clang 14 cannot capture one
+    const double bound = format.second;
+    INFO(dtype);
+    const auto r = run(dtype + ".safetensors", "--dtype " + dtype);
+    INFO(r.err);
+    REQUIRE(r.code == 0);
+    const io::safetensors_reader a(dir / "f32.safetensors"), b(dir / (dtype + ".safetensors"));
+    // The router stays fp32: the same logits, picks and weights, to the bit.
+    CHECK(a.read<float>("router_logits").values == b.read<float>("router_logits").values);
+    CHECK(a.read<std::int32_t>("topk_ids").values == b.read<std::int32_t>("topk_ids").values);
+    CHECK(a.read<float>("topk_weights").values == b.read<float>("topk_weights").values);
+    const auto y = b.read<float>("y").values;
+    REQUIRE(y.size() == ref.y.size());
+    double error = 0, norm = 0;
+    for (std::size_t i = 0; i < y.size(); ++i) {
+      error += (double(y[i]) - ref.y[i]) * (double(y[i]) - ref.y[i]);
+      norm += ref.y[i] * ref.y[i];
+    }
+    CHECK(norm > 0);
+    CHECK(std::sqrt(error / norm) <= bound);
+    CHECK(std::sqrt(error / norm) > 0);  // it is quantized, not the f32 layer again
+    const auto backward = run("never.safetensors", "--dtype " + dtype + " --backward");
+    CHECK(backward.code == 2);
+    CHECK(contains(backward.err, "no backward for " + dtype));
+  }
+}
+
+TEST_CASE("cli: quantize writes a layer in q8 and q4 that runs as quantizing at load does, bit for bit") {
+  temp_dir dir;
+  const ref_layer L = make_layer(39, true, /*coarse=*/false);
+  write_layer(dir / "w.safetensors", L, "blocks.2.moe", io::dtype::bf16);  // a BF16 source, as released
+  const auto x = make_input(40, tokens, L.H);
+  write_input(dir / "in.safetensors", x, tokens, L.H, io::dtype::f32);
+  const auto run = [&](const std::string& weights, const std::string& out, const std::string& extra) {
+    return grove_cli(dir, "run --weights '" + dir / weights + "' --prefix blocks.2.moe --input '" + dir / "in.safetensors" +
+                              "' --output '" + dir / out + "' --top-k 5 --scale 0.1 " + extra);
+  };
+  const auto blocks = [](long n) { return (n + 31) / 32; };
+  for (const std::string dtype : {"q8", "q4"}) {
+    INFO(dtype);
+    const std::string file = dtype + ".safetensors";
+    const auto q = grove_cli(dir, "quantize --weights '" + dir / "w.safetensors" + "' --prefix blocks.2.moe --dtype " +
+                                      dtype + " --out '" + dir / file + "'");
+    INFO(q.err);
+    REQUIRE(q.code == 0);
+    CHECK(contains(q.out, "grove: wrote '" + dir / file + "': Grove layer 'blocks.2.moe' in " + dtype));
+    // The documented layout: values and scales per quantized tensor, the router and bias F32.
+    const io::safetensors_reader r(dir / file);
+    CHECK(r.metadata().at("grove_quantization") == dtype);
+    const std::string p = "blocks.2.moe.experts.3.down_proj.";
+    CHECK(!r.contains(p + "weight"));
+    CHECK(r.at(p + "qweight").type == (dtype == "q8" ? io::dtype::i8 : io::dtype::u8));
+    CHECK(r.at(p + "qweight").shape == io::tensor_shape{L.H, blocks(L.I) * (dtype == "q8" ? 32 : 16)});
+    CHECK(r.at(p + "scales").type == io::dtype::f16);
+    CHECK(r.at(p + "scales").shape == io::tensor_shape{L.H, blocks(L.I)});
+    CHECK(r.at("blocks.2.moe.gate.weight").type == io::dtype::f32);
+    CHECK(r.at("blocks.2.moe.expert_bias").type == io::dtype::f32);
+    CHECK(r.tensors().size() == 2 + 2 * 3 * std::size_t(L.E + L.G));
+    // Run from the file (in its own format by default), and quantizing the source at load: the
+    // same blocks, so the same bytes out.
+    const auto from_file = run(file, "from-" + file, "");
+    INFO(from_file.err);
+    REQUIRE(from_file.code == 0);
+    const auto at_load = run("w.safetensors", "at-load-" + file, "--dtype " + dtype);
+    REQUIRE(at_load.code == 0);
+    CHECK(slurp(dir / ("from-" + file)) == slurp(dir / ("at-load-" + file)));
+    // Other formats read it too (its values, exactly, then held as asked).
+    CHECK(run(file, "f32-" + file, "--dtype f32").code == 0);
+    const std::string other = dtype == "q8" ? "q4" : "q8";
+    CHECK(run(file, "other-" + file, "--dtype " + other).code == 0);
+    // info: the format and the memory of each.
+    const auto info = grove_cli(dir, "info --weights '" + dir / file + "' --prefix blocks.2.moe");
+    INFO(info.err);
+    REQUIRE(info.code == 0);
+    CHECK(contains(info.out, "weights dtype: F32, " + dtype));
+    // Quantizing a quantized file, and refusing to write over the input.
+    CHECK(grove_cli(dir, "quantize --weights '" + dir / file + "' --prefix blocks.2.moe --dtype q4 --out '" +
+                             dir / ("again-" + file) + "'")
+              .code == 0);
+    const auto over = grove_cli(dir, "quantize --weights '" + dir / file + "' --prefix blocks.2.moe --dtype " + dtype +
+                                         " --out '" + dir / file + "'");
+    CHECK(over.code == 1);
+    CHECK(contains(over.err, "is the same file as the checkpoint"));
+  }
+}
+
+TEST_CASE("cli: corrupt or inconsistent quantized files get an error naming the tensor") {
+  temp_dir dir;
+  const ref_layer L = make_layer(43, true, false);
+  write_layer(dir / "w.safetensors", L, "m", io::dtype::f32);
+  write_input(dir / "in.safetensors", make_input(44, tokens, L.H), tokens, L.H, io::dtype::f32);
+  REQUIRE(grove_cli(dir, "quantize --weights '" + dir / "w.safetensors" + "' --prefix m --dtype q8 --out '" +
+                             dir / "q8.safetensors" + "'")
+              .code == 0);
+  const io::safetensors_reader good(dir / "q8.safetensors");
+  // A copy of the good file with one change.
+  const auto variant = [&](const std::string& file, const std::string& tag, const std::string& changed,
+                           const io::tensor_shape& shape, std::vector<std::byte> bytes, io::dtype type) {
+    io::safetensors_writer w;
+    w.set_metadata("grove_quantization", tag);
+    for (const auto& e : good.tensors()) {
+      if (e.name == changed) {
+        if (!bytes.empty()) w.add_bytes(e.name, type, shape, std::move(bytes));
+        continue;
+      }
+      w.add_bytes(e.name, e.type, e.shape, good.read_bytes(e));
+    }
+    w.write(dir / file);
+  };
+  const std::string scales = "m.experts.1.up_proj.scales", values = "m.experts.2.down_proj.qweight";
+  const io::tensor_entry& s = good.at(scales);
+  const io::tensor_entry& v = good.at(values);
+  variant("bad-scales.safetensors", "q8", scales, {s.shape[0], s.shape[1] + 1},
+          std::vector<std::byte>(static_cast<std::size_t>(2 * s.shape[0] * (s.shape[1] + 1))), io::dtype::f16);
+  variant("short.safetensors", "q8", values, {v.shape[0], v.shape[1] - 1},
+          std::vector<std::byte>(static_cast<std::size_t>(v.shape[0] * (v.shape[1] - 1))), io::dtype::i8);
+  variant("tag.safetensors", "q5", "", {}, {}, io::dtype::i8);
+  variant("no-scales.safetensors", "q8", scales, {}, {}, io::dtype::f16);
+  std::vector<std::byte> minus128 = good.read_bytes(v);
+  minus128[5] = std::byte{0x80};
+  variant("minus128.safetensors", "q8", values, v.shape, minus128, io::dtype::i8);
+  const std::pair<std::string, std::string> cases[] = {
+      {"bad-scales.safetensors", "quantized scales 'm.experts.1.up_proj.scales'"},
+      {"short.safetensors", "wrong shape for quantized tensor 'm.experts.2.down_proj.qweight'"},
+      {"tag.safetensors", "unknown quantization format 'q5'"},
+      {"no-scales.safetensors", "missing tensor 'm.experts.1.up_proj.scales'"},
+      {"minus128.safetensors", "'m.experts.2.down_proj.qweight'"},
+  };
+  for (const auto& c : cases) {
+    const std::string& file = c.first;  // not a structured binding: clang 14 cannot capture one
+    const std::string& message = c.second;
+    INFO(file);
+    const auto r = grove_cli(dir, "run --weights '" + dir / file + "' --prefix m --input '" + dir / "in.safetensors" +
+                                      "' --output '" + dir / "out.safetensors" + "' --top-k 3");
+    INFO(r.err);
+    CHECK(r.code == 1);
+    CHECK(contains(r.err, message));
+    CHECK(!fs::exists(dir / "out.safetensors"));
+    // info checks the same headers.
+    if (file != "minus128.safetensors")
+      CHECK(grove_cli(dir, "info --weights '" + dir / file + "' --prefix m").code == 1);
+  }
+}
+
+TEST_CASE("cli: quantize without --prefix converts every layer of a checkpoint and copies the rest") {
+  temp_dir dir;
+  const ref_layer L = make_layer(45, true, false);
+  fs::create_directories(dir / "ckpt");
+  // Two shards: layer 0's MLP with an attention tensor and the embedding; layer 1's MLP.
+  const std::vector<float> attention(static_cast<std::size_t>(L.H * L.H), 0.25f), embedding(static_cast<std::size_t>(7 * L.H), -1.5f);
+  {
+    io::safetensors_writer w;
+    add_layer_tensors(w, L, "model.layers.0.mlp", io::dtype::bf16, true);
+    w.add("model.layers.0.self_attn.q_proj.weight", {L.H, L.H}, attention, io::dtype::bf16);
+    w.add("model.embed_tokens.weight", {7, L.H}, embedding, io::dtype::bf16);
+    w.write(dir / "ckpt/a.safetensors");
+  }
+  {
+    io::safetensors_writer w;
+    add_layer_tensors(w, L, "model.layers.1.mlp", io::dtype::f32, true);
+    w.write(dir / "ckpt/b.safetensors");
+  }
+  {
+    std::string index = R"({"weight_map":{)";
+    bool first = true;
+    for (const char* shard : {"a.safetensors", "b.safetensors"}) {
+      const io::safetensors_reader reader(dir / ("ckpt/" + std::string(shard)));
+      for (const auto& e : reader.tensors()) {
+        index += (first ? "\"" : ",\"") + e.name + "\":\"" + shard + "\"";
+        first = false;
+      }
+    }
+    std::ofstream(dir / "ckpt/model.safetensors.index.json") << index << "}}";
+    std::ofstream(dir / "ckpt/config.json") << R"({"num_experts_per_tok": 3, "small_experts_weight": 0.1})";
+  }
+  const auto q = grove_cli(dir, "quantize --weights '" + dir / "ckpt" + "' --dtype q4 --out '" + dir / "q4" + "'");
+  INFO(q.err);
+  REQUIRE(q.code == 0);
+  CHECK(contains(q.err, "grove: quantize: layer 1 of 2 ('model.layers.0.mlp')"));
+  CHECK(contains(q.err, "grove: quantize: layer 2 of 2 ('model.layers.1.mlp')"));
+  CHECK(contains(q.out, "2 Grove layer(s) in q4, 3 shard(s)"));
+  CHECK(fs::exists(dir / "q4/config.json"));
+  const io::checkpoint out(dir / "q4");
+  // The other tensors, unchanged (dtype and bytes).
+  const io::checkpoint in(dir / "ckpt");
+  for (const std::string name : {"model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"}) {
+    INFO(name);
+    CHECK(out.entry(name).type == io::dtype::bf16);
+    CHECK(out.read_bytes(name) == in.read_bytes(name));
+  }
+  // The attention tensor lies in its block's shard, with that block's Grove layer.
+  CHECK(out.file_of("model.layers.0.self_attn.q_proj.weight") == out.file_of("model.layers.0.mlp.gate.weight"));
+  // Each layer runs from the output as one layer quantized on its own would.
+  write_input(dir / "in.safetensors", make_input(46, tokens, L.H), tokens, L.H, io::dtype::f32);
+  for (const std::string layer : {"model.layers.0.mlp", "model.layers.1.mlp"}) {
+    INFO(layer);
+    const auto a = grove_cli(dir, "run --weights '" + dir / "q4" + "' --prefix " + layer + " --top-k 3 --scale 0.1 --input '" +
+                                      dir / "in.safetensors" + "' --output '" + dir / "a.safetensors" + "'");
+    INFO(a.err);
+    REQUIRE(a.code == 0);
+    const auto b = grove_cli(dir, "run --weights '" + dir / "ckpt" + "' --prefix " + layer + " --top-k 3 --scale 0.1 --input '" +
+                                      dir / "in.safetensors" + "' --output '" + dir / "b.safetensors" + "' --dtype q4");
+    REQUIRE(b.code == 0);
+    CHECK(slurp(dir / "a.safetensors") == slurp(dir / "b.safetensors"));
+  }
+  // Never into the input, nor into a directory that holds something.
+  CHECK(grove_cli(dir, "quantize --weights '" + dir / "ckpt" + "' --dtype q8 --out '" + dir / "ckpt" + "'").code == 1);
+  const auto full = grove_cli(dir, "quantize --weights '" + dir / "ckpt" + "' --dtype q8 --out '" + dir / "q4" + "'");
+  CHECK(full.code == 1);
+  CHECK(contains(full.err, "exists and is not an empty directory"));
+}
+
 TEST_CASE("cli: info prints the memory of the weights in each format") {
   temp_dir dir;
   const ref_layer L = make_layer(35, true, false);
@@ -528,6 +755,14 @@ TEST_CASE("cli: info prints the memory of the weights in each format") {
   const long params = static_cast<long>(L.E) * L.H + 3L * L.E * L.H * L.I + 3L * L.G * L.H * L.Ia;
   CHECK(contains(r.out, "f32  = " + std::to_string(4 * (params + L.E)) + " bytes"));
   CHECK(contains(r.out, "bf16 = " + std::to_string(2 * params + 4L * (static_cast<long>(L.E) * L.H + L.E)) + " bytes"));
+  // q8 and q4: every row in blocks of 32 values (34 and 18 bytes each), plus the fp32 router
+  // copy and bias.
+  const auto blocks = [](long n) { return (n + 31) / 32; };
+  const long rows_of_h = static_cast<long>(L.E) + 2L * L.E * L.I + 2L * L.G * L.Ia;  // rows of H inputs
+  const long block_rows = rows_of_h * blocks(L.H) + static_cast<long>(L.E) * L.H * blocks(L.I) +
+                          static_cast<long>(L.G) * L.H * blocks(L.Ia);
+  CHECK(contains(r.out, "q8   = " + std::to_string(34 * block_rows + 4L * (static_cast<long>(L.E) * L.H + L.E)) + " bytes"));
+  CHECK(contains(r.out, "q4   = " + std::to_string(18 * block_rows + 4L * (static_cast<long>(L.E) * L.H + L.E)) + " bytes"));
 }
 
 TEST_CASE("cli: errors give a message and a non-zero exit, never a crash") {

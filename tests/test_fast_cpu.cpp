@@ -873,7 +873,7 @@ TEST_CASE("fast_cpu: layer_parameters<bf16> keeps every tensor in bf16 and route
 TEST_CASE("formats: one table row per format, and the owning template in each") {
   using grove::weight_format;
   // The run-time table and the compile-time side agree.
-  CHECK(grove::weight_formats.size() == 3);
+  CHECK(grove::weight_formats.size() == 5);  // f32, f64, bf16, q8, q4 (test_quantized has the last two)
   CHECK(grove::info_of<float>().format == weight_format::f32);
   CHECK(grove::info_of<double>().checkpoint_dtype == "F64");
   CHECK(grove::info_of<grove::bf16>().bits == 16);
@@ -882,7 +882,7 @@ TEST_CASE("formats: one table row per format, and the owning template in each") 
   CHECK(grove::info_of<float>().trainable);
   CHECK(grove::parse_weight_format("bf16") == weight_format::bf16);
   CHECK_THROWS_WITH_AS((void)grove::parse_weight_format("int3"),
-                       "grove: unknown weight format 'int3' (grove holds f32, f64, bf16)", grove::error);
+                       "grove: unknown weight format 'int3' (grove holds f32, f64, bf16, q8, q4)", grove::error);
   static_assert(std::is_same_v<grove::activation_t<grove::bf16>, float>);
   static_assert(std::is_same_v<grove::activation_t<double>, double>);
   static_assert(!grove::weight_storage<int>);

@@ -45,7 +45,7 @@ struct run_options {
   bool top_k_given = false;
   bool scale_given = false;
   bool backward = false;
-  std::string dtype = "f32";  ///< the weights in memory: f32 or bf16
+  std::string dtype;          ///< the weights in memory: f32, bf16, q8 or q4; empty: the file's own (run_setup::dtype)
   int threads = 0;            ///< 0: every hardware thread
   std::string isa;            ///< empty: the best this machine runs
 };
@@ -254,6 +254,7 @@ struct run_setup {
   index top_k = 0;
   double scale = 0;
   grove::layer_dims dims;
+  std::string dtype;  ///< --dtype, or the file's own format (q8, q4) or f32; f32 with --backward
 };
 
 /// Throws grove::error on a bad config.json, a checkpoint without the layer, an OUT that is an
@@ -273,6 +274,9 @@ inline run_setup prepare_run(const run_options& o, const io::checkpoint& weights
     require_new_output(o.output, "--output", inputs);
   }
   s.dims = io::infer_layer_dims(weights, o.prefix);
+  s.dtype = !o.dtype.empty() ? o.dtype
+            : o.backward     ? std::string("f32")
+                             : std::string(grove::info_of(io::stored_layer_format(weights, o.prefix)).name);
   if (s.config) io::check_hf_config(*s.config, s.dims);
   (void)cli_config(s.dims, s.top_k, s.scale);  // rejects k outside [1, E] and λ < 0 or not finite
   const double bound = static_cast<double>(s.dims.groups) / static_cast<double>(s.dims.experts);
@@ -288,6 +292,15 @@ inline std::shared_ptr<grove::cpu_runner> make_runner(const run_options& o, int 
   options.threads = o.threads > 0 ? o.threads : default_threads;
   if (!o.isa.empty()) options.isa = grove::simd::parse_isa(o.isa);
   return std::make_shared<grove::cpu_runner>(options);
+}
+
+/// Calls `fn.template operator()<Format>()` with the storage type of `grove run --dtype`.
+template <class Fn>
+decltype(auto) with_run_format(const std::string& dtype, Fn&& fn) {
+  if (dtype == "bf16") return fn.template operator()<grove::bf16>();
+  if (dtype == "q8") return fn.template operator()<grove::q8_block>();
+  if (dtype == "q4") return fn.template operator()<grove::q4_block>();
+  return fn.template operator()<float>();
 }
 
 /// What `grove run` writes, however it was computed (one process, or gathered on rank 0 from

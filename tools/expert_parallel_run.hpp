@@ -202,8 +202,9 @@ inline int run_expert_parallel(const run_options& o) {
   const matrix x = ep::scatter_rows(comm, x_all, s.dims.hidden);
   std::optional<matrix> dy;
   if (o.backward) dy = ep::scatter_rows(comm, dy_all ? *dy_all : matrix(), s.dims.hidden);
-  const run_results r = o.dtype == "bf16" ? ep::run_rank<grove::bf16>(comm, o, s, *weights, *placement, threads, x, dy)
-                                          : ep::run_rank<float>(comm, o, s, *weights, *placement, threads, x, dy);
+  const run_results r = with_run_format(s.dtype, [&]<class Format>() {
+    return ep::run_rank<Format>(comm, o, s, *weights, *placement, threads, x, dy);
+  });
 
   // 3. Rank 0 checks and writes OUT; every rank learns whether that worked.
   comm.step("grove run", [&] {

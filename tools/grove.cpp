@@ -3,9 +3,10 @@
 //
 //   grove run  --weights PATH --prefix PREFIX --input IN.safetensors --output OUT.safetensors
 //              [--top-k K] [--scale LAMBDA] [--config config.json] [--backward]
-//              [--dtype f32|bf16] [--threads N] [--isa scalar|avx2|avx512|avx512_bf16]
+//              [--dtype f32|bf16|q8|q4] [--threads N] [--isa scalar|avx2|avx512|avx512_bf16]
 //   grove info --weights PATH --prefix PREFIX [--config config.json] [--ranks P]
 //   grove upcycle --weights PATH --prefix PREFIX --groups G --adjugate-size Ia --out OUT.safetensors [--seed N]
+//   grove quantize --weights PATH [--prefix PREFIX] --dtype q8|q4 --out OUT.safetensors|DIR
 //
 // Under mpirun (a build with MPI), `grove run` is one rank of an expert-parallel layer
 // (tools/expert_parallel_run.hpp) and writes the same OUT as one process.
@@ -17,6 +18,7 @@
 #include <set>
 
 #include "cli_support.hpp"
+#include "quantize_command.hpp"
 #if GROVE_TOOL_MPI
 #include "expert_parallel_run.hpp"
 #endif
@@ -49,8 +51,9 @@ int run_command(const run_options& o) {
   const matrix x = read_rows(in, "x", s.dims.hidden);
   std::optional<matrix> dy;
   if (o.backward) dy = read_dy(in, x, s.dims.hidden);
-  const run_results r = o.dtype == "bf16" ? run_in_one_process<grove::bf16>(o, s, weights, x, dy)
-                                          : run_in_one_process<float>(o, s, weights, x, dy);
+  const run_results r = with_run_format(s.dtype, [&]<class Format>() {
+    return run_in_one_process<Format>(o, s, weights, x, dy);
+  });
   write_run_output(o, r, x, in, s.top_k, s.scale);
   print_wrote(o, r, s.routing, s.top_k, s.scale);
   return 0;
@@ -96,7 +99,14 @@ int info_command(const info_options& o) {
   bool has_bias = false;
   grove::weights_view<float>(d).for_each_tensor([&](const grove::tensor_info& t, const float* const&) {
     const std::string name = io::tensor_name(o.prefix, t.name);
-    if (!weights.contains(name)) return;  // only the optional bias may be absent here
+    if (!weights.contains(name)) {
+      // Stored quantized (checked above), or the optional bias, absent.
+      if (const auto format = io::stored_format(weights, name)) {
+        dtypes.insert(std::string(grove::info_of(*format).name));
+        files.insert(weights.file_of(io::qweight_name(name)).filename().string());
+      }
+      return;
+    }
     if (t.role == grove::tensor_role::selection_bias) has_bias = true;
     dtypes.insert(weights.entry(name).dtype_name);
     files.insert(weights.file_of(name).filename().string());
@@ -205,8 +215,10 @@ int main(int argc, char** argv) {
       run_cmd->add_option("--scale", run.scale, "adjugate scale lambda (default 0.05)")->check(double_in_range());
   run_cmd->add_option("--config", run.config, "Hugging Face config.json: k and lambda when present there");
   run_cmd->add_flag("--backward", run.backward, "also compute dx and weight gradients from dy in the input");
-  run_cmd->add_option("--dtype", run.dtype, "weights in memory: f32 (default) or bf16 (half the bytes; no --backward)")
-      ->check(CLI::IsMember({"f32", "bf16"}));
+  run_cmd->add_option("--dtype", run.dtype,
+                      "weights in memory: f32, bf16 (half the bytes), or q8 or q4 (quantized at load; "
+                      "docs/quantization.md). Default: the file's own q8 or q4, else f32; --backward needs f32")
+      ->check(CLI::IsMember({"f32", "bf16", "q8", "q4"}));
   run_cmd->add_option("--threads", run.threads, "threads of the CPU runner (default: every hardware thread)")
       ->transform(integer_in_range<int>())
       ->check(CLI::Range(1, 4096));
@@ -246,22 +258,36 @@ int main(int argc, char** argv) {
 #else
   const bool speaks = true;
 #endif
+  quantize_options quantize;
+  CLI::App* quantize_cmd = app.add_subcommand(
+      "quantize", "Write Grove layers in q8 or q4: one layer (--prefix) into a file, or a whole checkpoint into a directory");
+  quantize_cmd->add_option("--weights", quantize.weights, "checkpoint: a .safetensors file or a sharded checkpoint directory")
+      ->required();
+  quantize_cmd->add_option("--prefix", quantize.prefix,
+                           "the layer to quantize, e.g. model.layers.0.mlp (default: every Grove layer, into a directory)");
+  quantize_cmd->add_option("--dtype", quantize.dtype, "q8 or q4 (docs/quantization.md)")
+      ->required()
+      ->check(CLI::IsMember({"q8", "q4"}));
+  quantize_cmd->add_option("--out", quantize.out,
+                           "with --prefix: the .safetensors file to write; without: a new (or empty) directory")
+      ->required();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     if (e.get_exit_code() == static_cast<int>(CLI::ExitCodes::Success)) return speaks ? app.exit(e) : 0;  // --help
     if (speaks) {
       print_error(std::string("usage: ") + e.what());
-      std::cerr << "Run 'grove --help' or 'grove <run|info|upcycle> --help' for the options.\n";
+      std::cerr << "Run 'grove --help' or 'grove <run|info|upcycle|quantize> --help' for the options.\n";
     }
     return 2;
   }
 
   try {
     if (run_cmd->parsed()) {
-      if (run.backward && run.dtype != "f32") {
+      if (run.backward && !run.dtype.empty() && run.dtype != "f32") {
         if (speaks) {
-          print_error("usage: --backward needs --dtype f32 (grove has no BF16 backward yet)");
+          print_error("usage: --backward needs --dtype f32 (grove has no backward for " + run.dtype + " weights)");
           std::cerr << "Run 'grove run --help' for the options.\n";
         }
         return 2;
@@ -273,7 +299,10 @@ int main(int argc, char** argv) {
 #endif
       return run_command(run);
     }
-    const auto command = [&] { return upcycle_cmd->parsed() ? upcycle_command(upcycle) : info_command(info); };
+    const auto command = [&] {
+      if (quantize_cmd->parsed()) return quantize_command(quantize);
+      return upcycle_cmd->parsed() ? upcycle_command(upcycle) : info_command(info);
+    };
 #if GROVE_TOOL_MPI
     if (mpi.size() > 1) return run_on_rank_zero(command);
 #endif

@@ -13,7 +13,11 @@
 // Writes <out>/<run>.csv (one row per step) and <out>/experiment.svg (loss, load spread,
 // distinct groups per token), and prints progress.
 //
-//   grove_experiment [out_dir=./experiment_out] [--steps N] [--tokens T] [--seed S]
+//   grove_experiment [out_dir=./experiment_out] [--steps N] [--tokens T] [--seed S] [--save-layers DIR]
+//
+// --save-layers DIR writes the trained Grove run's MoE layers (DIR/layer-<l>.safetensors, prefix
+// "block") and each layer's inputs on the held-out batch (DIR/inputs-<l>.safetensors, "x"): the
+// trained weights grove_quantization_accuracy measures the block formats on.
 
 #include <algorithm>
 #include <chrono>
@@ -28,6 +32,13 @@
 #include <span>
 #include <string>
 #include <vector>
+
+#if __has_include(<nlohmann/json.hpp>)
+#include <grove/io.hpp>
+#define GROVE_EXPERIMENT_SAVES 1
+#else
+#define GROVE_EXPERIMENT_SAVES 0
+#endif
 
 #include "svg_plot.hpp"
 #include "task.hpp"
@@ -192,6 +203,7 @@ struct run_result {
 
 struct options {
   std::filesystem::path out = "experiment_out";
+  std::filesystem::path save_layers;  ///< empty: do not save
   int steps = 400;
   index tokens = 512;
   std::uint64_t seed = 1;
@@ -257,6 +269,23 @@ run_result train(const run_config& config, const hyper& hp, const task& tk, cons
   }
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   r.final_eval = r.steps.back().eval_loss;
+  if (!opt.save_layers.empty() && config.name == "grove") {
+#if GROVE_EXPERIMENT_SAVES
+    // The last forward was the held-out batch's: each block's normed input is that batch's.
+    std::filesystem::create_directories(opt.save_layers);
+    for (std::size_t l = 0; l < m.blocks.size(); ++l) {
+      const moe_block& b = m.blocks[l];
+      grove::io::save_layer(opt.save_layers / ("layer-" + std::to_string(l) + ".safetensors"), b.params.view(), "block");
+      grove::io::safetensors_writer inputs;
+      inputs.add("x", grove::io::tensor_shape{b.normed.rows(), b.normed.cols()},
+                 std::span<const float>(b.normed.data(), static_cast<std::size_t>(b.normed.size())));
+      inputs.write(opt.save_layers / ("inputs-" + std::to_string(l) + ".safetensors"));
+    }
+    std::printf("saved the trained layers and their held-out inputs in %s\n", opt.save_layers.string().c_str());
+#else
+    std::fprintf(stderr, "grove_experiment: --save-layers needs grove::io (nlohmann/json); not saved\n");
+#endif
+  }
   r.active_parameters = m.active_parameters(config.adjugates ? groups_sum / opt.steps : 0.0);
   return r;
 }
@@ -331,8 +360,11 @@ options parse(int argc, char** argv) {
       o.tokens = std::stol(value());
     else if (a == "--seed")
       o.seed = std::stoull(value());
+    else if (a == "--save-layers")
+      o.save_layers = value();
     else if (a == "-h" || a == "--help") {
-      std::printf("usage: grove_experiment [out_dir=./experiment_out] [--steps N=400] [--tokens T=512] [--seed S=1]\n");
+      std::printf("usage: grove_experiment [out_dir=./experiment_out] [--steps N=400] [--tokens T=512] [--seed S=1] "
+                  "[--save-layers DIR]\n");
       std::exit(0);
     } else if (!a.empty() && a[0] == '-') {
       std::fprintf(stderr, "grove_experiment: unknown option %s\n", a.c_str());

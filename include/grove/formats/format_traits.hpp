@@ -1,8 +1,9 @@
 #pragma once
 
 // The compile-time side of the format table (formats/weight_format.hpp): for each storage type,
-// what it computes with and how one value is converted in and out. Conversions into BF16 use
-// grove's one rounding rule (formats/bf16.hpp).
+// what it computes with and how values are converted in and out: one at a time for the element
+// formats, a row at a time for every format (encode_row, decode_row). Conversions into BF16 use
+// grove's one rounding rule (formats/bf16.hpp); into q8 and q4, formats/quantized.hpp.
 
 #include <cstddef>
 #include <string>
@@ -10,6 +11,7 @@
 
 #include "grove/error.hpp"
 #include "grove/formats/bf16.hpp"
+#include "grove/formats/quantized.hpp"
 #include "grove/formats/weight_format.hpp"
 
 GROVE_BEGIN_NAMESPACE
@@ -48,6 +50,47 @@ struct format_traits<bf16> {
   [[nodiscard]] static double to_float(storage v) { return grove::to_float(v); }
 };
 
+/// The block formats: no value stands alone, so they convert a row at a time only.
+template <>
+struct format_traits<q8_block> {
+  using storage = q8_block;
+  using activation = float;
+};
+template <>
+struct format_traits<q4_block> {
+  using storage = q4_block;
+  using activation = float;
+};
+
+/// Storage units of a row of n values: n, or its blocks for a block format.
+template <weight_storage Storage>
+[[nodiscard]] constexpr std::ptrdiff_t units_per_row(std::ptrdiff_t n) {
+  if constexpr (is_block_format<Storage>)
+    return blocks_per_row(n);
+  else
+    return n;
+}
+
+/// A row of n values into its units_per_row(n) units of `Storage` (rounded or quantized once).
+template <weight_storage Storage>
+void encode_row(const float* x, std::ptrdiff_t n, Storage* out) {
+  if constexpr (is_block_format<Storage>) {
+    quantize_row(x, n, out);
+  } else {
+    for (std::ptrdiff_t i = 0; i < n; ++i) out[i] = format_traits<Storage>::from_float(x[i]);
+  }
+}
+
+/// The n values a row of units stands for, as floats (exact for every format but f64).
+template <weight_storage Storage>
+void decode_row(const Storage* in, std::ptrdiff_t n, float* out) {
+  if constexpr (is_block_format<Storage>) {
+    dequantize_row(in, n, out);
+  } else {
+    for (std::ptrdiff_t i = 0; i < n; ++i) out[i] = static_cast<float>(format_traits<Storage>::to_float(in[i]));
+  }
+}
+
 /// Calls `fn.template operator()<Storage>()` with the storage type of `format`: the one place a
 /// format chosen at run time (a command-line flag, a checkpoint) becomes a type.
 template <class Fn>
@@ -56,6 +99,8 @@ decltype(auto) visit_format(weight_format format, Fn&& fn) {
     case weight_format::f32: return fn.template operator()<float>();
     case weight_format::f64: return fn.template operator()<double>();
     case weight_format::bf16: return fn.template operator()<bf16>();
+    case weight_format::q8: return fn.template operator()<q8_block>();
+    case weight_format::q4: return fn.template operator()<q4_block>();
   }
   throw error("grove: visit_format: unknown weight format " + std::to_string(static_cast<int>(format)));
 }

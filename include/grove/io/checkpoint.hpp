@@ -112,6 +112,17 @@ class checkpoint {
     reader_of(name).read_into(e, out);
   }
 
+  /// The "__metadata__" of the file that holds tensor `name` (empty when it has none).
+  [[nodiscard]] const std::map<std::string, std::string>& metadata_of(std::string_view name) const {
+    return reader_of(name).metadata();
+  }
+
+  /// Tensor `name`'s bytes as stored, in its own dtype, whatever that is: for copying a tensor
+  /// unchanged and for reading packed quantized values.
+  [[nodiscard]] std::vector<std::byte> read_bytes(std::string_view name) const {
+    return reader_of(name).read_bytes(entry(name));
+  }
+
   /// Reads tensor `name` whatever its shape.
   template <class Value>
   [[nodiscard]] tensor<Value> read(std::string_view name) const {

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -16,6 +17,7 @@
 #include "grove/weights/layer_weights.hpp"
 #include "grove/io/checkpoint.hpp"
 #include "grove/io/dtype.hpp"
+#include "grove/io/quantized_io.hpp"
 #include "grove/io/safetensors.hpp"
 
 GROVE_BEGIN_NAMESPACE
@@ -63,6 +65,18 @@ inline std::pair<index, index> matrix_shape(const io::checkpoint& ckpt, const st
   return {static_cast<index>(e.shape[0]), static_cast<index>(e.shape[1])};
 }
 
+/// The rows of weight `name` [rows, ·], stored as itself or quantized ("<stem>.scales" has them).
+inline index weight_rows(const io::checkpoint& ckpt, const std::string& name, const char* expected) {
+  if (!ckpt.contains(name) && io::stored_format(ckpt, name)) {
+    const io::tensor_entry& e = ckpt.entry(io::scales_name(name));
+    if (e.shape.size() != 2)
+      throw error("grove: wrong shape for tensor '" + io::scales_name(name) + "' in " +
+                  quoted(ckpt.file_of(io::scales_name(name))) + ": expected [rows, blocks], found " + shape_string(e.shape));
+    return static_cast<index>(e.shape[0]);
+  }
+  return matrix_shape(ckpt, name, expected).first;
+}
+
 /// True for the tensors of the adjugate experts (chunk_experts.{j}.*).
 inline bool is_adjugate(tensor_role r) {
   return r == tensor_role::adjugate_gate || r == tensor_role::adjugate_up || r == tensor_role::adjugate_down;
@@ -70,17 +84,52 @@ inline bool is_adjugate(tensor_role r) {
 
 /// Layer prefixes present in the checkpoint (names "<p>.chunk_experts.0.gate_proj.weight"),
 /// at most `limit`, for the hint of a "missing tensor" error.
-inline std::string grove_layer_prefixes(const std::vector<std::string>& names, std::size_t limit = 3) {
-  static constexpr std::string_view tail = ".chunk_experts.0.gate_proj.weight";
-  std::string out;
-  std::size_t count = 0;
-  for (const std::string& name : names) {
-    if (name.size() <= tail.size() || name.compare(name.size() - tail.size(), tail.size(), tail) != 0) continue;
-    if (count++ >= limit) continue;
-    out += out.empty() ? "" : ", ";
-    out += quoted_name(std::string_view(name).substr(0, name.size() - tail.size()));
+/// a < b with runs of digits compared as numbers: "layers.2" before "layers.10".
+inline bool natural_less(std::string_view a, std::string_view b) {
+  std::size_t i = 0, j = 0;
+  while (i < a.size() && j < b.size()) {
+    const bool da = a[i] >= '0' && a[i] <= '9', db = b[j] >= '0' && b[j] <= '9';
+    if (da && db) {
+      std::size_t ei = i, ej = j;
+      while (ei < a.size() && a[ei] >= '0' && a[ei] <= '9') ++ei;
+      while (ej < b.size() && b[ej] >= '0' && b[ej] <= '9') ++ej;
+      // Compare the numbers: the one with more significant digits (leading zeros aside) is larger.
+      std::size_t si = i, sj = j;
+      while (si + 1 < ei && a[si] == '0') ++si;
+      while (sj + 1 < ej && b[sj] == '0') ++sj;
+      if (ei - si != ej - sj) return ei - si < ej - sj;
+      const int c = a.substr(si, ei - si).compare(b.substr(sj, ej - sj));
+      if (c != 0) return c < 0;
+      i = ei;
+      j = ej;
+    } else {
+      if (a[i] != b[j]) return a[i] < b[j];
+      ++i;
+      ++j;
+    }
   }
-  if (count > limit) out += ", ... (" + std::to_string(count) + " in all)";
+  return a.size() - i < b.size() - j;
+}
+
+/// The prefix of every Grove layer among `names` (those with "<prefix>.chunk_experts.0.gate_proj"
+/// stored as itself or quantized), in natural order.
+inline std::vector<std::string> grove_layer_list(const std::vector<std::string>& names) {
+  std::vector<std::string> out;
+  for (const std::string_view tail : {std::string_view(".chunk_experts.0.gate_proj.weight"),
+                                      std::string_view(".chunk_experts.0.gate_proj.qweight")})
+    for (const std::string& name : names)
+      if (name.size() > tail.size() && name.compare(name.size() - tail.size(), tail.size(), tail) == 0)
+        out.push_back(name.substr(0, name.size() - tail.size()));
+  std::sort(out.begin(), out.end(), natural_less);
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
+}
+
+inline std::string grove_layer_prefixes(const std::vector<std::string>& names, std::size_t limit = 3) {
+  const std::vector<std::string> layers = grove_layer_list(names);
+  std::string out;
+  for (std::size_t i = 0; i < layers.size() && i < limit; ++i) out += (i ? ", " : "") + quoted_name(layers[i]);
+  if (layers.size() > limit) out += ", ... (" + std::to_string(layers.size()) + " in all)";
   return out;
 }
 
@@ -125,8 +174,8 @@ struct moe_dims {
       throw error("grove: inconsistent expert numbering under '" + std::string(prefix) + "': '" + expert_stem +
                   std::to_string(e) + ".*' is missing (a gap) but '" + router + "' has E = " + std::to_string(experts) +
                   " rows (experts 0.." + std::to_string(experts - 1) + " expected)");
-  const auto [inter, expert_cols] = detail::matrix_shape(ckpt, expert_stem + "0.gate_proj.weight", "[I, H]");
-  (void)expert_cols;  // checked with every other shape by check_layer_tensors
+  // Checked with every other shape by check_layer_tensors; a quantized file has it in ".scales".
+  const index inter = detail::weight_rows(ckpt, expert_stem + "0.gate_proj.weight", "[I, H]");
   return {hidden, experts, inter};
 }
 
@@ -154,8 +203,7 @@ struct moe_dims {
     throw error("grove: expert count E = " + std::to_string(experts) + " is not a multiple of the group count G = " +
                 std::to_string(groups) + " under prefix '" + std::string(prefix) + "'");
 
-  const auto [adj_inter, adjugate_cols] = detail::matrix_shape(ckpt, adjugate_stem + "0.gate_proj.weight", "[Ia, H]");
-  (void)adjugate_cols;
+  const index adj_inter = detail::weight_rows(ckpt, adjugate_stem + "0.gate_proj.weight", "[Ia, H]");
   layer_dims dims{moe.hidden, experts, groups, moe.expert_intermediate, adj_inter};
   dims.validate();
   return dims;
@@ -178,6 +226,14 @@ inline void check_layer_tensors(const checkpoint& ckpt, std::string_view prefix,
     const std::string name = tensor_name(prefix, info.name);
     const bool bias = info.role == tensor_role::selection_bias;
     if (bias && !ckpt.contains(name)) return;
+    // An expert's or adjugate's weight may be stored quantized (io/quantized_io.hpp).
+    if (const auto quantized = info.role != tensor_role::router && !bias ? stored_format(ckpt, name) : std::nullopt) {
+      if (*quantized == weight_format::q8)
+        check_quantized_tensor<q8_block>(ckpt, name, info.rows, info.cols);
+      else
+        check_quantized_tensor<q4_block>(ckpt, name, info.rows, info.cols);
+      return;
+    }
     const tensor_entry& e = ckpt.entry(name);
     const tensor_shape expected = bias ? tensor_shape{info.rows} : tensor_shape{info.rows, info.cols};
     if (e.shape != expected)
@@ -203,6 +259,13 @@ void read_layer_tensors(const checkpoint& ckpt, std::string_view prefix, const w
     const std::string name = tensor_name(prefix, info.name);
     const bool bias = info.role == tensor_role::selection_bias;
     if (bias && !ckpt.contains(name)) return;
+    if (!bias && info.role != tensor_role::router && stored_format(ckpt, name)) {
+      // Stored quantized: its exact values, as fp32, then into Scalar.
+      std::vector<float> values(static_cast<std::size_t>(info.size()));
+      read_as_float(ckpt, name, info.rows, info.cols, values);
+      for (std::size_t i = 0; i < values.size(); ++i) data[i] = format_traits<Scalar>::from_float(values[i]);
+      return;
+    }
     const tensor_shape expected = bias ? tensor_shape{info.rows} : tensor_shape{info.rows, info.cols};
     ckpt.read_into(name, std::span<const std::int64_t>(expected),
                    std::span<Scalar>(data, static_cast<std::size_t>(info.size())));
@@ -215,10 +278,40 @@ void read_layer_tensors(const checkpoint& ckpt, std::string_view prefix, const w
   }
 }
 
-/// Loads the Grove layer under `prefix` into memory of format `Storage` (float, double or
-/// grove::bf16; formats/weight_format.hpp): sizes inferred (infer_layer_dims), every tensor
-/// decoded straight into the format from BF16/F16/F32/F64 on disk (bit for bit where the dtype
-/// is the format's, otherwise rounded once), `expert_bias` zero when the checkpoint has none.
+/// Reads every tensor of `into` (a block format: q8, q4) as fp32, one tensor at a time, checks
+/// it is finite and quantizes it row by row; the router also goes, exact, into the fp32 routing
+/// copy, so that routing is the checkpoint's. Peak memory: the quantized layer and one fp32
+/// tensor.
+template <weight_storage Storage>
+void quantize_layer_tensors(const checkpoint& ckpt, std::string_view prefix, layer_parameters<Storage>& into) {
+  std::vector<float> values;
+  into.span().for_each_tensor([&](const tensor_info& info, Storage* const& data) {
+    if (data == nullptr || info.role == tensor_role::selection_bias) return;
+    const std::string name = tensor_name(prefix, info.name);
+    if (info.role != tensor_role::router && stored_format(ckpt, name) == format_of<Storage>) {
+      // Stored in this very format: the blocks as they are, no second quantization.
+      read_quantized_blocks(ckpt, name, info.rows, info.cols, data);
+      return;
+    }
+    values.resize(static_cast<std::size_t>(info.size()));
+    read_as_float(ckpt, name, info.rows, info.cols, values);
+    for (std::size_t i = 0; i < values.size(); ++i)
+      if (!std::isfinite(values[i]))
+        throw error("grove: tensor '" + info.name + "' holds a non-finite value (" + std::to_string(values[i]) +
+                    ") at row " + std::to_string(static_cast<index>(i) / info.cols) + ", column " +
+                    std::to_string(static_cast<index>(i) % info.cols) + " (layer prefix '" + std::string(prefix) +
+                    "' in checkpoint " + detail::quoted(ckpt.path()) + ")");
+    if (info.role == tensor_role::router) std::copy(values.begin(), values.end(), into.routing_router().begin());
+    const index units = units_per_row<Storage>(info.cols);
+    for (index r = 0; r < info.rows; ++r) encode_row(values.data() + r * info.cols, info.cols, data + r * units);
+  });
+}
+
+/// Loads the Grove layer under `prefix` into memory of format `Storage` (float, double,
+/// grove::bf16, or quantized at load: grove::q8_block, grove::q4_block; formats/weight_format.hpp):
+/// sizes inferred (infer_layer_dims), every tensor decoded straight into the format from
+/// BF16/F16/F32/F64 on disk (bit for bit where the dtype is the format's, otherwise rounded or
+/// quantized once), `expert_bias` zero when the checkpoint has none.
 /// There is no fp32 copy of the layer on the way: a BF16 layer peaks at its BF16 bytes plus the
 /// fp32 router copy and bias (docs/io.md, "BF16 weights"). Only this layer's bytes are read.
 /// Throws grove::error naming the full tensor name on a missing tensor, a wrong shape, an
@@ -234,7 +327,10 @@ template <weight_storage Storage>
   check_layer_tensors(ckpt, prefix, dims, /*adjugates=*/true, groups);
   layer_parameters<Storage> parameters =
       groups.empty() ? layer_parameters<Storage>(dims) : layer_parameters<Storage>::shard(dims, groups);
-  read_layer_tensors(ckpt, prefix, parameters.span(), /*adjugates=*/true);
+  if constexpr (is_block_format<Storage>)
+    quantize_layer_tensors(ckpt, prefix, parameters);
+  else
+    read_layer_tensors(ckpt, prefix, parameters.span(), /*adjugates=*/true);
   using routing_scalar = typename layer_parameters<Storage>::routing_scalar;
   if constexpr (!std::is_same_v<routing_scalar, Storage>) {
     // The bias is kept in the routing type, not the format's: read and checked by the same
@@ -252,6 +348,39 @@ template <weight_storage Storage>
 [[nodiscard]] layer_parameters<Storage> load_layer(const std::filesystem::path& path, std::string_view prefix,
                                                    std::span<const index> groups = {}) {
   return load_layer<Storage>(checkpoint(path), prefix, groups);
+}
+
+/// The prefixes of the checkpoint's Grove layers ("model.layers.0.mlp", …), in natural order.
+[[nodiscard]] inline std::vector<std::string> grove_layers(const checkpoint& ckpt) {
+  return detail::grove_layer_list(ckpt.names());
+}
+
+/// The format an expert's weights are stored in under `prefix`: q8 or q4 for a quantized file,
+/// f32 for any floating dtype (what `grove run` holds them in unless told otherwise).
+[[nodiscard]] inline weight_format stored_layer_format(const checkpoint& ckpt, std::string_view prefix) {
+  return stored_format(ckpt, tensor_name(prefix, "experts.0.gate_proj.weight")).value_or(weight_format::f32);
+}
+
+/// Adds a block-format layer to `writer` under `prefix` (io/quantized_io.hpp): the router (its
+/// fp32 routing copy) and the bias as F32, every expert and adjugate tensor as "<stem>.qweight"
+/// and "<stem>.scales", and the file's "grove_quantization" tag.
+template <class Block>
+void add_quantized_layer(safetensors_writer& writer, const layer_parameters<Block>& parameters, std::string_view prefix)
+  requires(is_block_format<Block>)
+{
+  const weights_view<Block> view = parameters.view();
+  view.require_complete();
+  writer.set_metadata(quantization_key, std::string(info_of<Block>().name));
+  const weights_view<float> routing = parameters.routing_view();
+  const layer_dims& d = parameters.dims();
+  writer.add(tensor_name(prefix, "gate.weight"), tensor_shape{d.experts, d.hidden},
+             std::span<const float>(routing.router().data(), static_cast<std::size_t>(d.experts * d.hidden)), dtype::f32);
+  view.for_each_tensor([&](const tensor_info& info, const Block* const& data) {
+    if (info.role == tensor_role::router || info.role == tensor_role::selection_bias || data == nullptr) return;
+    add_quantized_tensor(writer, tensor_name(prefix, info.name), data, info.rows, info.cols);
+  });
+  writer.add(tensor_name(prefix, "expert_bias"), tensor_shape{d.experts},
+             std::span<const float>(parameters.bias().data(), parameters.bias().size()), dtype::f32);
 }
 
 /// Adds every tensor of `weights` to `writer` under `prefix` with the checkpoint names, stored as

@@ -155,7 +155,12 @@ class layer {
   /// The routing view of caller-owned weights: the weights themselves, or an fp32 copy of their
   /// router and bias for a format that routes from one.
   weights_view<scalar> routing_weights_of(const weights_view<weight_type>& weights) {
-    if constexpr (std::is_same_v<scalar, weight_type>) {
+    if constexpr (is_block_format<weight_type>) {
+      static_assert(!is_block_format<weight_type>,
+                    "GROVE_A_Q8_OR_Q4_LAYER_OWNS_ITS_WEIGHTS: build it from layer_parameters, whose fp32 router "
+                    "copy keeps the picks exact (a quantized view has no fp32 router)");
+      return {};
+    } else if constexpr (std::is_same_v<scalar, weight_type>) {
       return weights;
     } else {
       const layer_dims& d = weights.dims();

@@ -104,6 +104,14 @@ class cpu_runner final : public runner {
     else
       cpu::forward_experts_simple<double>(request.weights, request.plan, request.x, request.y);
   }
+  void run_block_forward(const expert_forward<q8_block>& request) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    engine_.forward(request);
+  }
+  void run_block_forward(const expert_forward<q4_block>& request) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    engine_.forward(request);
+  }
   void run_backward(const expert_backward<float>& request) override {
     std::lock_guard<std::mutex> lock(mutex_);
     engine_.backward(request);

@@ -35,14 +35,17 @@ class runner {
   /// The experts' forward of one batch (see expert_forward).
   template <class Weight>
   void forward(const expert_forward<Weight>& request) {
-    run_forward(request);
+    if constexpr (is_block_format<Weight>)
+      run_block_forward(request);
+    else
+      run_forward(request);
   }
   /// y = Σ_s w_s E_{e_s}(x) + λ Σ_j c_j A_j(x) over `plan` (docs/math.md, step 6).
   template <class Weight>
   void forward(const weights_view<Weight>& weights, const routing_plan<activation_t<Weight>>& plan,
                std::type_identity_t<const_rows_ref<activation_t<Weight>>> x,
                std::type_identity_t<rows_ref<activation_t<Weight>>> y) {
-    run_forward(expert_forward<Weight>{weights, plan, x, y});
+    forward(expert_forward<Weight>{weights, plan, x, y});
   }
   /// The forward up to the combine: writes p(t, g) for every group row of `plan` into
   /// `partials` [plan.group_row_count(), H]; combine_partials (plan/combine.hpp) then gives y, bit
@@ -51,7 +54,7 @@ class runner {
   void forward_partials(const weights_view<Weight>& weights, const routing_plan<activation_t<Weight>>& plan,
                         std::type_identity_t<const_rows_ref<activation_t<Weight>>> x,
                         std::type_identity_t<rows_ref<activation_t<Weight>>> partials) {
-    run_forward(expert_forward<Weight>{weights, plan, x, partials, nullptr, forward_output::group_partials});
+    forward(expert_forward<Weight>{weights, plan, x, partials, nullptr, forward_output::group_partials});
   }
   /// The training forward: forward() that also keeps the SwiGLU pre-activations for backward.
   /// y is bit-identical to forward()'s.
@@ -84,6 +87,15 @@ class runner {
   virtual void run_forward(const expert_forward<double>& request) = 0;
   virtual void run_backward(const expert_backward<float>& request) = 0;
   virtual void run_backward(const expert_backward<double>& request) = 0;
+  // The block formats (q8, q4; forward only). A backend that runs them overrides these; the
+  // default refuses, so a runner written before them still compiles and says what it lacks.
+  virtual void run_block_forward(const expert_forward<q8_block>&) { refuse("q8"); }
+  virtual void run_block_forward(const expert_forward<q4_block>&) { refuse("q4"); }
+
+ private:
+  [[noreturn]] void refuse(const char* format) const {
+    throw error("grove: the runner '" + name() + "' does not run " + format + " weights (grove::cpu_runner does)");
+  }
 };
 
 GROVE_END_NAMESPACE

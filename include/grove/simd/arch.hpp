@@ -32,6 +32,8 @@
 #define GROVE_SIMD_TARGET_AVX2 "avx,avx2,fma,f16c"
 #define GROVE_SIMD_TARGET_AVX512 "avx,avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl"
 #define GROVE_SIMD_TARGET_AVX512_BF16 "avx,avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"
+// The block formats' integer dots at the avx512_bf16 level (vpdpbusd).
+#define GROVE_SIMD_TARGET_AVX512_VNNI "avx,avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni"
 #define GROVE_SIMD_INLINE(targets) inline __attribute__((always_inline, target(targets)))
 #endif
 
@@ -100,7 +102,8 @@ inline constexpr int isa_count = 4;
 struct cpu_features {
   bool avx2_fma = false;     ///< AVX2 + FMA3, OS saves YMM state
   bool avx512 = false;       ///< AVX-512 F, BW, DQ, VL, OS saves ZMM state
-  bool avx512_bf16 = false;  ///< AVX512_BF16 on top of avx512
+  bool avx512_bf16 = false;  ///< AVX512_BF16 and AVX512_VNNI on top of avx512 (every CPU with the
+                             ///< first has the second; the level's block-format kernels use it)
 };
 
 }  // namespace simd
@@ -129,6 +132,7 @@ inline simd::cpu_features detect_cpu_features() {
   const bool avx2 = (b >> 5) & 1u;
   const bool avx512f = (b >> 16) & 1u, avx512dq = (b >> 17) & 1u, avx512bw = (b >> 30) & 1u,
              avx512vl = (b >> 31) & 1u;
+  const bool avx512vnni = (c >> 11) & 1u;
   const unsigned max_subleaf = a;
   bool bf16 = false;
   if (max_subleaf >= 1) {
@@ -137,7 +141,7 @@ inline simd::cpu_features detect_cpu_features() {
   }
   f.avx2_fma = ymm_state && avx2 && fma && f16c;
   f.avx512 = f.avx2_fma && zmm_state && avx512f && avx512dq && avx512bw && avx512vl;
-  f.avx512_bf16 = f.avx512 && bf16;
+  f.avx512_bf16 = f.avx512 && bf16 && avx512vnni;
   return f;
 }
 #else

@@ -15,7 +15,7 @@
 GROVE_BEGIN_NAMESPACE
 
 /// A layer's weights, owned, in any format of the format table (formats/weight_format.hpp):
-/// `layer_parameters<float>`, `<double>` or `<bf16>`. The trainable tensors (router, experts,
+/// `layer_parameters<float>`, `<double>`, `<bf16>`, `<q8_block>` or `<q4_block>`. The trainable tensors (router, experts,
 /// adjugates) lie in one flat buffer in checkpoint order and PyTorch's [out, in] layout, so an
 /// optimizer or a gradient accumulator treats them as one vector; gradients of a layer are a
 /// layer_parameters too. The selection bias is a separate buffer in the routing type, because
@@ -35,6 +35,11 @@ GROVE_BEGIN_NAMESPACE
 ///
 ///   auto mine = grove::layer_parameters<float>::shard(dims, placement.groups_of(rank));
 ///
+/// A block format (q8, q4) keeps each tensor row as blocks of 32 values (formats/quantized.hpp).
+/// It is made from weights of another format (from(), io::load_layer), never trained, and
+/// routes with an fp32 router copied from that source before quantizing: the picks are the
+/// source's, bit for bit.
+///
 /// Large buffers are 2 MiB aligned and advised to use huge pages (huge_page_allocator).
 template <weight_storage Storage>
 class layer_parameters {
@@ -47,7 +52,7 @@ class layer_parameters {
 
   /// All tensors zero, bias zero.
   explicit layer_parameters(const layer_dims& dims)
-      : dims_(dims), values_(static_cast<std::size_t>((dims.validate(), total_parameters(dims))), Storage(0)),
+      : dims_(dims), values_(units_for((dims.validate(), dims), {}), Storage{}),
         bias_(static_cast<std::size_t>(dims.experts), routing_scalar(0)) {
     if constexpr (has_routing_copy) router_.assign(static_cast<std::size_t>(dims.experts * dims.hidden), 0.0f);
   }
@@ -61,7 +66,7 @@ class layer_parameters {
     layer_parameters p;
     p.dims_ = dims;
     p.held_groups_.assign(groups.begin(), groups.end());
-    p.values_.assign(static_cast<std::size_t>(shard_parameters(dims, groups)), Storage(0));
+    p.values_.assign(units_for(dims, groups), Storage{});
     p.bias_.assign(static_cast<std::size_t>(dims.experts), routing_scalar(0));
     if constexpr (has_routing_copy) p.router_.assign(static_cast<std::size_t>(dims.experts * dims.hidden), 0.0f);
     return p;
@@ -70,32 +75,53 @@ class layer_parameters {
   /// Every trainable weight drawn from N(0, stddev²) with a fixed, portable generator (rounded
   /// to the format once); bias zero.
   static layer_parameters random(const layer_dims& dims, std::uint64_t seed, double stddev) {
-    layer_parameters p(dims);
-    detail::normal_generator gen(seed);
-    for (Storage& v : p.values_) v = format_traits<Storage>::from_float(stddev * gen.normal());
-    p.refresh_routing();
-    return p;
+    if constexpr (is_block_format<Storage>) {
+      // The fp32 draws, quantized: the same draws as every other format's.
+      return from(layer_parameters<float>::random(dims, seed, stddev).view());
+    } else {
+      layer_parameters p(dims);
+      detail::normal_generator gen(seed);
+      for (Storage& v : p.values_) v = format_traits<Storage>::from_float(stddev * gen.normal());
+      p.refresh_routing();
+      return p;
+    }
   }
 
-  /// `weights` in this format: each tensor converted once (rounded to nearest even into BF16),
-  /// the bias kept in the routing type. A view of some groups (only_groups) gives a shard of
-  /// the same groups.
+  /// `weights` in this format: each tensor converted once (rounded to nearest even into BF16,
+  /// quantized row by row into a block format), the bias kept in the routing type. A view of
+  /// some groups (only_groups) gives a shard of the same groups. A block format's fp32 routing
+  /// copy is the source's router (exact from f32 and bf16), not its quantized one.
   template <weight_storage From>
-  static layer_parameters from(const weights_view<From>& weights) {
+  static layer_parameters from(const weights_view<From>& weights)
+    requires(!is_block_format<From>)
+  {
     weights.require_complete();
     layer_parameters out = weights.held_groups().empty() ? layer_parameters(weights.dims())
                                                          : shard(weights.dims(), weights.held_groups());
     std::size_t at = 0;
+    std::vector<float> row;
     weights.for_each_tensor([&](const tensor_info& info, const From* const& p) {
       if (info.role == tensor_role::selection_bias) {
         if (p != nullptr) widen(p, static_cast<std::size_t>(info.rows), out.bias_.data());
         return;
       }
       if (!out.holds(info)) return;
-      for (index i = 0; i < info.size(); ++i)
-        out.values_[at + static_cast<std::size_t>(i)] =
-            format_traits<Storage>::from_float(format_traits<From>::to_float(p[i]));
-      at += static_cast<std::size_t>(info.size());
+      if constexpr (is_block_format<Storage>) {
+        const index units = units_per_row<Storage>(info.cols);
+        row.resize(static_cast<std::size_t>(info.cols));
+        for (index r = 0; r < info.rows; ++r) {
+          decode_row(p + r * info.cols, info.cols, row.data());
+          encode_row(row.data(), info.cols, out.values_.data() + at + static_cast<std::size_t>(r * units));
+          if (info.role == tensor_role::router)
+            std::copy(row.begin(), row.end(), out.router_.begin() + r * info.cols);
+        }
+        at += static_cast<std::size_t>(info.rows * units);
+      } else {
+        for (index i = 0; i < info.size(); ++i)
+          out.values_[at + static_cast<std::size_t>(i)] =
+              format_traits<Storage>::from_float(format_traits<From>::to_float(p[i]));
+        at += static_cast<std::size_t>(info.size());
+      }
     });
     out.refresh_routing();
     return out;
@@ -127,12 +153,21 @@ class layer_parameters {
   }
 
   /// Recomputes the routing copy of the router after the tensors were written through span();
-  /// nothing to do for a format without one.
+  /// nothing to do for a format without one, nor for a block format, whose copy is the fp32
+  /// source's (set by from() and the loaders through routing_router()).
   void refresh_routing() {
-    if constexpr (has_routing_copy) {
+    if constexpr (has_routing_copy && !is_block_format<Storage>) {
       // The router is the first tensor in checkpoint order.
       widen(static_cast<const Storage*>(values_.data()), router_.size(), router_.data());
     }
+  }
+
+  /// The fp32 routing copy of the router, [E, H] row-major, for formats that keep one: what a
+  /// loader of a block format fills from the checkpoint's router.
+  [[nodiscard]] std::span<float> routing_router()
+    requires(info_of<Storage>().fp32_routing_copy)
+  {
+    return router_;
   }
 
   /// The trainable weights as one vector (router, experts, adjugates, in checkpoint order).
@@ -150,13 +185,15 @@ class layer_parameters {
   [[nodiscard]] static std::size_t bytes_for(const layer_dims& dims, std::span<const index> groups = {}) {
     const auto experts = static_cast<std::size_t>(dims.experts);
     const std::size_t copy = has_routing_copy ? experts * static_cast<std::size_t>(dims.hidden) * sizeof(float) : 0;
-    return static_cast<std::size_t>(shard_parameters(dims, groups)) * sizeof(Storage) + copy +
-           experts * sizeof(routing_scalar);
+    return units_for(dims, groups) * sizeof(Storage) + copy + experts * sizeof(routing_scalar);
   }
+
+  /// Storage units of a tensor: rows × its row's units (values, or blocks for a block format).
+  [[nodiscard]] static index units_of(const tensor_info& info) { return info.rows * units_per_row<Storage>(info.cols); }
 
   /// Sets every trainable weight to zero (gradients between steps); the bias is untouched.
   void zero_values() {
-    std::fill(values_.begin(), values_.end(), Storage(0));
+    std::fill(values_.begin(), values_.end(), Storage{});
     refresh_routing();
   }
 
@@ -179,6 +216,17 @@ class layer_parameters {
     return held_groups_.empty() || group < 0 || std::binary_search(held_groups_.begin(), held_groups_.end(), group);
   }
 
+  /// The storage units of a layer of these dims, or of a shard of the listed groups.
+  static std::size_t units_for(const layer_dims& dims, std::span<const index> groups) {
+    const weights_view<float> full(dims);
+    const weights_view<float> layout = groups.empty() ? full : full.only_groups(groups);
+    index units = 0;
+    layout.for_each_tensor([&](const tensor_info& info, const float* const&) {
+      if (info.role != tensor_role::selection_bias && layout.holds(info)) units += units_of(info);
+    });
+    return static_cast<std::size_t>(units);
+  }
+
   template <class T>
   layer_weights<T> bind(T* values, T* bias) const {
     layer_weights<T> w(dims_);
@@ -188,7 +236,7 @@ class layer_parameters {
         p = bias;
       } else if (holds(info)) {
         p = cursor;
-        cursor += info.size();
+        cursor += units_of(info);
       }
     });
     return held_groups_.empty() ? w : w.only_groups(held_groups_);

@@ -8,6 +8,7 @@
 
 #include "grove/config/layer_dims.hpp"
 #include "grove/error.hpp"
+#include "grove/formats/weight_format.hpp"
 #include "grove/weights/tensor_types.hpp"
 
 GROVE_BEGIN_NAMESPACE
@@ -52,6 +53,27 @@ struct tensor_info {
   return -1;
 }
 
+namespace detail {
+/// Whether T is a block format's storage (q8, q4): its tensors have no Eigen view.
+template <class T>
+constexpr bool holds_blocks() {
+  if constexpr (weight_storage<T>)
+    return is_block_format<T>;
+  else
+    return false;
+}
+}  // namespace detail
+
+/// The three tensors of one MLP as pointers to their first storage unit, with its intermediate
+/// size: how kernels that address rows themselves (every format, the block ones included) see it.
+template <class T>
+struct mlp_tensors {
+  T* gate;  ///< [inter, H]
+  T* up;    ///< [inter, H]
+  T* down;  ///< [H, inter]
+  index inter;
+};
+
 /// Pointers to every tensor of one layer, with the sizes that give them shape. `T` is
 /// `const Scalar` for a read-only view (`weights_view`) or `Scalar` for a writable one
 /// (`weights_span`, for gradients and optimizers). The memory belongs to someone else:
@@ -80,16 +102,36 @@ class layer_weights {
 
   [[nodiscard]] const layer_dims& dims() const { return dims_; }
 
-  /// Router W_r, [E, H].
-  [[nodiscard]] matrix_map<T> router() const { return {router_, dims_.experts, dims_.hidden}; }
+  /// Router W_r, [E, H]. (Element formats only, as expert() and adjugate(): a block format's
+  /// tensors are rows of blocks; see expert_tensors.)
+  [[nodiscard]] matrix_map<T> router() const
+    requires(!detail::holds_blocks<std::remove_const_t<T>>())
+  {
+    return {router_, dims_.experts, dims_.hidden};
+  }
   /// Routed expert e.
-  [[nodiscard]] swiglu_weights<T> expert(index e) const {
+  [[nodiscard]] swiglu_weights<T> expert(index e) const
+    requires(!detail::holds_blocks<std::remove_const_t<T>>())
+  {
     return mlp(&expert_ptrs_[3 * static_cast<std::size_t>(e)], dims_.expert_intermediate);
   }
   /// Adjugate expert j (of group j).
-  [[nodiscard]] swiglu_weights<T> adjugate(index j) const {
+  [[nodiscard]] swiglu_weights<T> adjugate(index j) const
+    requires(!detail::holds_blocks<std::remove_const_t<T>>())
+  {
     return mlp(&adjugate_ptrs_[3 * static_cast<std::size_t>(j)], dims_.adjugate_intermediate);
   }
+  /// Expert e's and adjugate j's tensors as pointers, in any format.
+  [[nodiscard]] mlp_tensors<T> expert_tensors(index e) const {
+    const auto at = 3 * static_cast<std::size_t>(e);
+    return {expert_ptrs_[at], expert_ptrs_[at + 1], expert_ptrs_[at + 2], dims_.expert_intermediate};
+  }
+  [[nodiscard]] mlp_tensors<T> adjugate_tensors(index j) const {
+    const auto at = 3 * static_cast<std::size_t>(j);
+    return {adjugate_ptrs_[at], adjugate_ptrs_[at + 1], adjugate_ptrs_[at + 2], dims_.adjugate_intermediate};
+  }
+  /// The router's first unit (for a block format, its rows of blocks).
+  [[nodiscard]] T* router_data() const { return router_; }
   /// Selection bias b, [E]; nullptr means all zeros (the released weights).
   [[nodiscard]] T* bias() const { return bias_; }
 

@@ -9,6 +9,7 @@
 #include <span>
 #include <thread>
 #include <type_traits>
+#include <utility>
 
 #include "grove/error.hpp"
 #include "grove/formats/weight_format.hpp"
@@ -71,9 +72,10 @@ class cpu_engine {
     set_isa(level);
   }
 
-  /// The forward of `request` with fp32 or BF16 weights (BF16: fp32 accumulation; with
+  /// The forward of `request` with fp32, BF16, q8 or q4 weights (BF16: fp32 accumulation; with
   /// AVX512_BF16 the activations x and h are rounded to bf16 for vdpbf16ps, otherwise the
-  /// weights are widened to fp32).
+  /// weights are widened to fp32; q8 and q4: x and h quantized to int8 per block of 32 for
+  /// integer dots, formats/quantized.hpp).
   template <class W>
   void forward(const expert_forward<W>& request) {
     const layer_dims& d = request.weights.dims();
@@ -132,13 +134,16 @@ class cpu_engine {
 
   [[nodiscard]] std::size_t workspace_bytes() const {
     return x_f32_.bytes() + x_bf16_.bytes() + h_f32_.bytes() + h_bf16_.bytes() + schedule_f32_.bytes() +
-           schedule_bf16_.bytes() + gate_.bytes() + up_.bytes() + dg_.bytes() + du_.bytes() + dots_.bytes() +
-           pack_.bytes() + partial_.bytes() + backward_schedule_.bytes() +
+           schedule_bf16_.bytes() + schedule_q8_.bytes() + schedule_q4_.bytes() + x_int8_.bytes() +
+           x_scales_.bytes() + h_int8_.bytes() + h_scales_.bytes() + gate_.bytes() + up_.bytes() + dg_.bytes() +
+           du_.bytes() + dots_.bytes() + pack_.bytes() + partial_.bytes() + backward_schedule_.bytes() +
            sizeof(float) * static_cast<std::size_t>(adjugate_dots_.size());
   }
   [[nodiscard]] std::size_t workspace_allocations() const {
     return x_f32_.allocations() + x_bf16_.allocations() + h_f32_.allocations() + h_bf16_.allocations() +
-           schedule_f32_.allocations() + schedule_bf16_.allocations() + gate_.allocations() + up_.allocations() +
+           schedule_f32_.allocations() + schedule_bf16_.allocations() + schedule_q8_.allocations() +
+           schedule_q4_.allocations() + x_int8_.allocations() + x_scales_.allocations() + h_int8_.allocations() +
+           h_scales_.allocations() + gate_.allocations() + up_.allocations() +
            dg_.allocations() + du_.allocations() + dots_.allocations() + pack_.allocations() + partial_.allocations() +
            backward_schedule_.allocations();
   }
@@ -164,6 +169,30 @@ class cpu_engine {
       pool_->run(stage_region);
     }
     return staged;
+  }
+
+  /// Quantizes rows [0, rows) of `values` (row r at row_of(r), `n_of(r)` values) to int8 blocks
+  /// for the integer dots (formats/quantized.hpp): row r's blocks at q + r·ldq, its scales at
+  /// scales + r·lds. Split over the threads when there is enough work.
+  template <class RowOf>
+  void quantize_rows(index rows, index values, const RowOf& row_of, std::int8_t* q, index ldq, float* scales,
+                     index lds) {
+    const int threads = pool_->size();
+    auto region = [&](int thread) {
+      for (index r = rows * thread / threads; r < rows * (thread + 1) / threads; ++r) {
+        const auto [row, n] = row_of(r);
+        quantize_activations(row, n, q + r * ldq, scales + r * lds);
+      }
+    };
+    if (values < (index(1) << 14) || threads == 1)
+      region_alone(region);
+    else
+      pool_->run(region);
+  }
+  template <class Region>
+  void region_alone(const Region& region) {
+    const int threads = pool_->size();
+    for (int t = 0; t < threads; ++t) region(t);
   }
 
   /// Runs `count` tiles on every thread, each taken from a shared counter; fn(thread, tile,
@@ -225,11 +254,31 @@ class cpu_engine {
     const index T = schedule.tokens();
     if (T == 0) return;
     index ldx = 0;
-    const A* staged = stage<A>(x, x_stage, ldx);
+    const A* staged = nullptr;
+    constexpr bool blocks = std::is_same_v<A, std::int8_t>;
+    const index H = schedule.hidden();
+    index ldx_scales = 0;
+    float* x_scales = nullptr;
+    if constexpr (blocks) {
+      // x quantized per row and block of 32 (int8, with a scale per block).
+      ldx_scales = blocks_per_row(H);
+      ldx = ldx_scales * quant_block_size;
+      std::int8_t* q = x_stage.get(static_cast<std::size_t>(T * ldx));
+      x_scales = x_scales_.get(static_cast<std::size_t>(T * ldx_scales));
+      const float* data = x.data();
+      const index stride = x.outerStride();
+      quantize_rows(T, T * H, [&](index t) { return std::pair<const float*, index>{data + t * stride, H}; }, q, ldx,
+                    x_scales, ldx_scales);
+      staged = q;
+    } else {
+      staged = stage<A>(x, x_stage, ldx);
+    }
     Hs* h = h_buffer.get(static_cast<std::size_t>(std::max<index>(schedule.h_elements(), 1)));
 
     static_assert(std::is_same_v<weight_bits_t<W>, Wbits>);
     auto pass = tile_pass_of<A, Wbits, Hs>(schedule, staged, ldx);
+    pass.x_scales = x_scales;
+    pass.ldx_scales = ldx_scales;
     pass.h = h;
     pass.y = partials ? nullptr : y.data();
     pass.ldy = y.outerStride();
@@ -249,6 +298,30 @@ class cpu_engine {
     // remain unclaimed).
     const auto staged_at = clock::now();
     run_gate_up(pass, schedule.gate_up_tiles());
+    if constexpr (blocks) {
+      // h quantized per schedule row (item by item), for the down tiles' integer dots.
+      index widest = 0;
+      for (const auto& item : schedule.items()) widest = std::max(widest, item.inter);
+      const index rows = schedule.row_total();
+      pass.ldh_scales = blocks_per_row(widest);
+      pass.ldh_quantized = pass.ldh_scales * quant_block_size;
+      std::int8_t* hq = h_int8_.get(static_cast<std::size_t>(std::max<index>(rows * pass.ldh_quantized, 1)));
+      float* hs = h_scales_.get(static_cast<std::size_t>(std::max<index>(rows * pass.ldh_scales, 1)));
+      const auto& items = schedule.items();
+      // Schedule row r belongs to the last item whose first_row is at most r (items number their
+      // rows consecutively, in item order).
+      quantize_rows(
+          rows, schedule.h_elements(),
+          [&](index r) {
+            const auto after = std::upper_bound(items.begin(), items.end(), r,
+                                                [](index row, const auto& item) { return row < item.first_row; });
+            const auto& item = *(after - 1);
+            return std::pair<const float*, index>{h + item.h_offset + (r - item.first_row) * item.inter, item.inter};
+          },
+          hq, pass.ldh_quantized, hs, pass.ldh_scales);
+      pass.h_quantized = hq;
+      pass.h_scales = hs;
+    }
     const auto gate_up_at = clock::now();
     run_tiles(schedule.down_tiles(), [&](int thread, index current, index following) {
       down(pass, current, following, scratch + thread * scratch_per_thread);
@@ -263,6 +336,10 @@ class cpu_engine {
   expert_schedule<W>& schedule_of() {
     if constexpr (std::is_same_v<W, float>)
       return schedule_f32_;
+    else if constexpr (std::is_same_v<W, q8_block>)
+      return schedule_q8_;
+    else if constexpr (std::is_same_v<W, q4_block>)
+      return schedule_q4_;
     else
       return schedule_bf16_;
   }
@@ -271,6 +348,8 @@ class cpu_engine {
   growing_buffer<A>& staging() {
     if constexpr (std::is_same_v<A, float>)
       return x_f32_;
+    else if constexpr (std::is_same_v<A, std::int8_t>)
+      return x_int8_;
     else
       return x_bf16_;
   }
@@ -288,8 +367,12 @@ class cpu_engine {
   schedule_shape shape_{};
   expert_schedule<float> schedule_f32_;
   expert_schedule<bf16> schedule_bf16_;
+  expert_schedule<q8_block> schedule_q8_;
+  expert_schedule<q4_block> schedule_q4_;
   growing_buffer<float> x_f32_, h_f32_;
   growing_buffer<std::uint16_t> x_bf16_, h_bf16_;
+  growing_buffer<std::int8_t> x_int8_, h_int8_;  // the block formats' quantized x and h
+  growing_buffer<float> x_scales_, h_scales_;
   // Backward's workspace: g and u when recomputed, dg and du, partial dots (w·h lives in h_f32_).
   backward_schedule backward_schedule_;
   growing_buffer<float> gate_, up_, dg_, du_, dots_, pack_;

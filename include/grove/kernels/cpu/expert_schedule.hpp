@@ -128,11 +128,11 @@ class expert_schedule {
         if (rows.empty()) continue;
         const index first = row_total_;
         const auto at = static_cast<std::size_t>(rows.data() - plan.expert_rows.data());
-        add(weights.expert(e), rows, e, false, shape, static_cast<index>(at) * I);
+        add(weights.expert_tensors(e), rows, e, false, shape, static_cast<index>(at) * I);
         place_in_group(group_rows, rows, first, j);
         if (per_pick) {
           const index first_pick = row_total_;
-          add(weights.adjugate(j), std::span<const dispatch_row<float>>(pick_rows_).subspan(at, rows.size()), j, true,
+          add(weights.adjugate_tensors(j), std::span<const dispatch_row<float>>(pick_rows_).subspan(at, rows.size()), j, true,
               shape, expert_h + adjugate_h + static_cast<index>(at) * Ia, /*with_gate_up_tiles=*/false);
           std::copy_n(slots_.begin() + first, rows.size(), slots_.begin() + first_pick);
         }
@@ -143,12 +143,12 @@ class expert_schedule {
         // 64 rows of the whole group, not once per picked expert (a row's h is the same either way).
         const auto begin = static_cast<std::size_t>(plan.expert_offsets[static_cast<std::size_t>(j * d.group_size())]);
         const auto end = static_cast<std::size_t>(plan.expert_offsets[static_cast<std::size_t>((j + 1) * d.group_size())]);
-        add_gate_up_span(weights.adjugate(j), std::span<const dispatch_row<float>>(pick_rows_).subspan(begin, end - begin),
+        add_gate_up_span(weights.adjugate_tensors(j), std::span<const dispatch_row<float>>(pick_rows_).subspan(begin, end - begin),
                          j, shape, expert_h + adjugate_h + static_cast<index>(begin) * Ia);
       }
       if (per_token) {
         const index first = row_total_;
-        add(weights.adjugate(j), group_rows, j, true, shape, expert_h + span.first_row * Ia);
+        add(weights.adjugate_tensors(j), group_rows, j, true, shape, expert_h + span.first_row * Ia);
         for (index r = 0; r < span.row_count; ++r)
           slots_[static_cast<std::size_t>(first + r)] = static_cast<std::int32_t>(r);
       }
@@ -193,16 +193,16 @@ class expert_schedule {
   [[nodiscard]] std::size_t allocations() const { return allocations_; }
 
  private:
-  void add(const swiglu_weights<const W>& mlp, std::span<const dispatch_row<float>> rows, index id, bool adjugate,
+  void add(const mlp_tensors<const W>& mlp, std::span<const dispatch_row<float>> rows, index id, bool adjugate,
            const schedule_shape& shape, index h_offset, bool with_gate_up_tiles = true) {
-    detail::require(mlp.gate.data() != nullptr && mlp.up.data() != nullptr && mlp.down.data() != nullptr,
+    detail::require(mlp.gate != nullptr && mlp.up != nullptr && mlp.down != nullptr,
                     "grove: the plan has rows for ", adjugate ? "adjugate " : "expert ", id,
                     " but the weights do not hold it (a weights view of other groups?)");
     item_type item;
-    item.gate = reinterpret_cast<const weight_bits_t<W>*>(mlp.gate.data());
-    item.up = reinterpret_cast<const weight_bits_t<W>*>(mlp.up.data());
-    item.down = reinterpret_cast<const weight_bits_t<W>*>(mlp.down.data());
-    item.inter = mlp.gate.rows();
+    item.gate = reinterpret_cast<const weight_bits_t<W>*>(mlp.gate);
+    item.up = reinterpret_cast<const weight_bits_t<W>*>(mlp.up);
+    item.down = reinterpret_cast<const weight_bits_t<W>*>(mlp.down);
+    item.inter = mlp.inter;
     item.rows = rows.data();
     item.row_count = static_cast<index>(rows.size());
     item.h_offset = h_offset;
@@ -216,13 +216,13 @@ class expert_schedule {
   }
 
   /// A gate/up span that is not an item of its own (the per-pick adjugate rows of one group).
-  void add_gate_up_span(const swiglu_weights<const W>& mlp, std::span<const dispatch_row<float>> rows, index group,
+  void add_gate_up_span(const mlp_tensors<const W>& mlp, std::span<const dispatch_row<float>> rows, index group,
                         const schedule_shape& shape, index h_offset) {
     item_type span;
-    span.gate = reinterpret_cast<const weight_bits_t<W>*>(mlp.gate.data());
-    span.up = reinterpret_cast<const weight_bits_t<W>*>(mlp.up.data());
-    span.down = reinterpret_cast<const weight_bits_t<W>*>(mlp.down.data());
-    span.inter = mlp.gate.rows();
+    span.gate = reinterpret_cast<const weight_bits_t<W>*>(mlp.gate);
+    span.up = reinterpret_cast<const weight_bits_t<W>*>(mlp.up);
+    span.down = reinterpret_cast<const weight_bits_t<W>*>(mlp.down);
+    span.inter = mlp.inter;
     span.rows = rows.data();
     span.row_count = static_cast<index>(rows.size());
     span.h_offset = h_offset;

@@ -3,7 +3,7 @@
 // The CPU half of the format table (formats/weight_format.hpp), as ggml keeps `type_traits_cpu`
 // beside `type_traits`: for each weight format, how the tile kernels read its elements and
 // which kernels of an instruction-set row (kernel_table.hpp) run it, best first. A new format
-// (int8, int4) is a new row here and new columns in the kernel table, nothing in the engine.
+// is a new row here and new columns in the kernel table.
 
 #include <cstdint>
 
@@ -39,6 +39,25 @@ struct cpu_format<bf16> {
       fn.template operator()<std::uint16_t, std::uint16_t, std::uint16_t>();
     else
       fn.template operator()<float, std::uint16_t, float>();
+  }
+};
+
+/// The block formats: x and h are quantized to int8 per block of 32 for integer dots
+/// (kernels/cpu/detail/quantized_tiles-inl.hpp); h is computed in fp32 first.
+template <>
+struct cpu_format<q8_block> {
+  using weight_bits = q8_block;
+  template <class Row, class Fn>
+  static void with_kernels(const Row&, Fn&& fn) {
+    fn.template operator()<std::int8_t, q8_block, float>();
+  }
+};
+template <>
+struct cpu_format<q4_block> {
+  using weight_bits = q4_block;
+  template <class Row, class Fn>
+  static void with_kernels(const Row&, Fn&& fn) {
+    fn.template operator()<std::int8_t, q4_block, float>();
   }
 };
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "grove/config/dynamic.hpp"
+#include "grove/formats/quantized.hpp"
 #include "grove/kernels/cpu/tile_contract.hpp"
 #include "grove/simd/batch.hpp"
 
@@ -15,11 +16,14 @@
 #define GROVE_TILES_NS tiles_scalar
 #define GROVE_TILES_ARCH simd::scalar
 #define GROVE_TILES_BF16_DOT 0
+#define GROVE_TILES_QDOT 0
 #include "grove/kernels/cpu/detail/expert_tiles-inl.hpp"
 #include "grove/kernels/cpu/detail/backward_tiles-inl.hpp"
+#include "grove/kernels/cpu/detail/quantized_tiles-inl.hpp"
 #undef GROVE_TILES_NS
 #undef GROVE_TILES_ARCH
 #undef GROVE_TILES_BF16_DOT
+#undef GROVE_TILES_QDOT
 
 #if GROVE_SIMD_X86
 GROVE_SIMD_SILENCE_BEGIN
@@ -27,22 +31,28 @@ GROVE_SIMD_BEGIN_REGION(GROVE_SIMD_TARGET_AVX2)
 #define GROVE_TILES_NS tiles_avx2
 #define GROVE_TILES_ARCH simd::avx2
 #define GROVE_TILES_BF16_DOT 0
+#define GROVE_TILES_QDOT 1
 #include "grove/kernels/cpu/detail/expert_tiles-inl.hpp"
 #include "grove/kernels/cpu/detail/backward_tiles-inl.hpp"
+#include "grove/kernels/cpu/detail/quantized_tiles-inl.hpp"
 #undef GROVE_TILES_NS
 #undef GROVE_TILES_ARCH
 #undef GROVE_TILES_BF16_DOT
+#undef GROVE_TILES_QDOT
 GROVE_SIMD_END_REGION()
 
 GROVE_SIMD_BEGIN_REGION(GROVE_SIMD_TARGET_AVX512)
 #define GROVE_TILES_NS tiles_avx512
 #define GROVE_TILES_ARCH simd::avx512
 #define GROVE_TILES_BF16_DOT 0
+#define GROVE_TILES_QDOT 1
 #include "grove/kernels/cpu/detail/expert_tiles-inl.hpp"
 #include "grove/kernels/cpu/detail/backward_tiles-inl.hpp"
+#include "grove/kernels/cpu/detail/quantized_tiles-inl.hpp"
 #undef GROVE_TILES_NS
 #undef GROVE_TILES_ARCH
 #undef GROVE_TILES_BF16_DOT
+#undef GROVE_TILES_QDOT
 GROVE_SIMD_END_REGION()
 
 GROVE_SIMD_BEGIN_REGION(GROVE_SIMD_TARGET_AVX512_BF16)
@@ -53,6 +63,22 @@ GROVE_SIMD_BEGIN_REGION(GROVE_SIMD_TARGET_AVX512_BF16)
 #undef GROVE_TILES_NS
 #undef GROVE_TILES_ARCH
 #undef GROVE_TILES_BF16_DOT
+GROVE_SIMD_END_REGION()
+
+// The block formats' integer dots with vpdpbusd (AVX512_VNNI, which every CPU with AVX512_BF16
+// has; the level checks it): the avx512_bf16 row's q8 and q4 kernels. The other tiles of this
+// namespace are AVX-512's, compiled again here only because the quantized tiles use them.
+GROVE_SIMD_BEGIN_REGION(GROVE_SIMD_TARGET_AVX512_VNNI)
+#define GROVE_TILES_NS tiles_avx512_vnni
+#define GROVE_TILES_ARCH simd::avx512
+#define GROVE_TILES_BF16_DOT 0
+#define GROVE_TILES_QDOT 2
+#include "grove/kernels/cpu/detail/expert_tiles-inl.hpp"
+#include "grove/kernels/cpu/detail/quantized_tiles-inl.hpp"
+#undef GROVE_TILES_NS
+#undef GROVE_TILES_ARCH
+#undef GROVE_TILES_BF16_DOT
+#undef GROVE_TILES_QDOT
 GROVE_SIMD_END_REGION()
 GROVE_SIMD_SILENCE_END
 #endif
@@ -68,6 +94,12 @@ struct forward_kernels {
   void (*down)(const tile_pass<A, W, Hs>&, index tile, index following, float* partial) = nullptr;
 };
 
+/// The integer dots of a block format alone (out [rows, cols] of `rows` quantized activation
+/// rows and `cols` weight rows of `blocks` blocks each): for the tests of the arithmetic.
+template <class Block>
+using quantized_dots = void (*)(const std::int8_t* q, const float* scales, index rows, const Block* w, index cols,
+                                index blocks, float* out);
+
 /// Every kernel of the fused CPU pass at one instruction-set level. A null entry is a kernel
 /// the level does not have (vdpbf16ps below avx512_bf16).
 struct cpu_kernel_table {
@@ -75,6 +107,10 @@ struct cpu_kernel_table {
   forward_kernels<float, float, float> f32;                                   ///< fp32 weights
   forward_kernels<float, std::uint16_t, float> bf16_widened;                  ///< bf16 weights widened to fp32
   forward_kernels<std::uint16_t, std::uint16_t, std::uint16_t> bf16_dot;      ///< bf16 × bf16 (vdpbf16ps)
+  forward_kernels<std::int8_t, q8_block, float> q8;                           ///< q8 weights, int8 activations
+  forward_kernels<std::int8_t, q4_block, float> q4;                           ///< q4 weights, int8 activations
+  quantized_dots<q8_block> q8_dots;
+  quantized_dots<q4_block> q4_dots;
   void (*stage_f32)(const float* x, index ldx_in, index hidden, index r0, index r1, float* out, index ld_out);
   void (*stage_bf16)(const float* x, index ldx_in, index hidden, index r0, index r1, std::uint16_t* out, index ld_out);
   void (*dh)(const backward_pass&, const gate_up_tile&, float* packed);
@@ -84,7 +120,11 @@ struct cpu_kernel_table {
   /// The forward kernels for staged activations A, weight bits W and h elements Hs.
   template <class A, class W, class Hs>
   [[nodiscard]] const forward_kernels<A, W, Hs>& forward() const {
-    if constexpr (std::is_same_v<A, std::uint16_t>)
+    if constexpr (std::is_same_v<W, q8_block>)
+      return q8;
+    else if constexpr (std::is_same_v<W, q4_block>)
+      return q4;
+    else if constexpr (std::is_same_v<A, std::uint16_t>)
       return bf16_dot;
     else if constexpr (std::is_same_v<W, std::uint16_t>)
       return bf16_widened;
@@ -100,15 +140,21 @@ struct cpu_kernel_table {
   }
 };
 
-/// One table row: N's forward tiles, NBACKWARD's backward tiles and the given bf16 × bf16
-/// kernels (or nullptr). A macro because a namespace cannot be a template argument.
-#define GROVE_KERNEL_ROW(level_value, N, NBACKWARD, BF16_GATE_UP, BF16_DOWN)                                     \
+/// One table row: N's forward tiles, NBACKWARD's backward tiles, the given bf16 × bf16 kernels
+/// (or nullptr) and NQ's quantized tiles. A macro because a namespace cannot be a template
+/// argument.
+#define GROVE_KERNEL_ROW(level_value, N, NBACKWARD, BF16_GATE_UP, BF16_DOWN, NQ)                                 \
   cpu_kernel_table {                                                                                            \
     level_value, {&N::gate_up_tile<tile_pass<float, float, float>>, &N::down_tile<tile_pass<float, float, float>>}, \
         {&N::gate_up_tile<tile_pass<float, std::uint16_t, float>>,                                              \
          &N::down_tile<tile_pass<float, std::uint16_t, float>>},                                                \
-        {BF16_GATE_UP, BF16_DOWN}, static_cast<void (*)(const float*, index, index, index, index, float*, index)>( \
-                                       &N::stage_rows),                                                         \
+        {BF16_GATE_UP, BF16_DOWN},                                                                              \
+        {&NQ::quantized::gate_up_tile<tile_pass<std::int8_t, q8_block, float>>,                                 \
+         &NQ::quantized::down_tile<tile_pass<std::int8_t, q8_block, float>>},                                   \
+        {&NQ::quantized::gate_up_tile<tile_pass<std::int8_t, q4_block, float>>,                                 \
+         &NQ::quantized::down_tile<tile_pass<std::int8_t, q4_block, float>>},                                   \
+        &NQ::quantized::dots<q8_block>, &NQ::quantized::dots<q4_block>,                                         \
+        static_cast<void (*)(const float*, index, index, index, index, float*, index)>(&N::stage_rows),          \
         static_cast<void (*)(const float*, index, index, index, index, std::uint16_t*, index)>(&N::stage_rows),  \
         &NBACKWARD::backward::dh_tile<backward_pass>, &NBACKWARD::backward::gradient_tile<backward_pass>,          \
         &NBACKWARD::backward::dx_tile<backward_pass>                                                             \
@@ -117,15 +163,18 @@ struct cpu_kernel_table {
 /// The table row of an instruction-set level (simd::require_supported says whether it runs here).
 [[nodiscard]] inline const cpu_kernel_table& kernels_for(simd::isa level) {
   using bf16_pass = tile_pass<std::uint16_t, std::uint16_t, std::uint16_t>;
-  static const cpu_kernel_table scalar_row = GROVE_KERNEL_ROW(simd::isa::scalar, tiles_scalar, tiles_scalar, nullptr, nullptr);
+  static const cpu_kernel_table scalar_row =
+      GROVE_KERNEL_ROW(simd::isa::scalar, tiles_scalar, tiles_scalar, nullptr, nullptr, tiles_scalar);
 #if GROVE_SIMD_X86
-  static const cpu_kernel_table avx2_row = GROVE_KERNEL_ROW(simd::isa::avx2, tiles_avx2, tiles_avx2, nullptr, nullptr);
+  static const cpu_kernel_table avx2_row =
+      GROVE_KERNEL_ROW(simd::isa::avx2, tiles_avx2, tiles_avx2, nullptr, nullptr, tiles_avx2);
   static const cpu_kernel_table avx512_row =
-      GROVE_KERNEL_ROW(simd::isa::avx512, tiles_avx512, tiles_avx512, nullptr, nullptr);
-  // AVX512_BF16 adds vdpbf16ps for bf16 × bf16; its fp32 and widened-bf16 kernels are AVX-512's.
+      GROVE_KERNEL_ROW(simd::isa::avx512, tiles_avx512, tiles_avx512, nullptr, nullptr, tiles_avx512);
+  // AVX512_BF16 adds vdpbf16ps for bf16 × bf16 and (with AVX512_VNNI) vpdpbusd for the block
+  // formats; its fp32 and widened-bf16 kernels are AVX-512's.
   static const cpu_kernel_table avx512_bf16_row =
       GROVE_KERNEL_ROW(simd::isa::avx512_bf16, tiles_avx512, tiles_avx512, &tiles_avx512_bf16::gate_up_tile<bf16_pass>,
-                       &tiles_avx512_bf16::down_tile<bf16_pass>);
+                       &tiles_avx512_bf16::down_tile<bf16_pass>, tiles_avx512_vnni);
   switch (level) {
     case simd::isa::scalar: return scalar_row;
     case simd::isa::avx2: return avx2_row;

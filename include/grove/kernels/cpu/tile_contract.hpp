@@ -13,8 +13,9 @@ GROVE_BEGIN_NAMESPACE
 namespace detail {
 
 /// What the forward tile kernels of one batch read and write. A: element of the staged
-/// activations (float, or bf16 bits for vdpbf16ps), W: weight bits (float or bf16 bits),
-/// Hs: element of h (the SwiGLU outputs, bf16 bits when the down product uses vdpbf16ps).
+/// activations (float, bf16 bits for vdpbf16ps, or int8 for the block formats), W: weight bits
+/// (float, bf16 bits, or a q8/q4 block), Hs: element of h (the SwiGLU outputs, bf16 bits when
+/// the down product uses vdpbf16ps).
 template <class A, class W, class Hs>
 struct tile_pass {
   const expert_item<W>* items;
@@ -37,6 +38,14 @@ struct tile_pass {
   const std::int32_t* group_slots = nullptr;  ///< per item row (first_row numbering): its group row
   float* partials = nullptr;  ///< when set: the group partials go there (row: plan group row), y untouched
   index ldp = 0;
+  // The block formats (quantized_tiles-inl.hpp): x is quantized (A = int8, with these scales per
+  // row and block), h is computed in fp32 and then quantized per schedule row for the down tiles.
+  const float* x_scales = nullptr;
+  index ldx_scales = 0;
+  const std::int8_t* h_quantized = nullptr;  ///< [row_total, ldh_quantized]: schedule row r is item row first_row + ·
+  index ldh_quantized = 0;
+  const float* h_scales = nullptr;  ///< [row_total, ldh_scales]
+  index ldh_scales = 0;
 };
 
 /// What the backward tile kernels read and write; fp32 throughout. Buffers "in the layout of
