@@ -18,6 +18,7 @@
 #include <sstream>
 #include <string>
 #include <system_error>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -294,13 +295,18 @@ inline std::shared_ptr<grove::cpu_runner> make_runner(const run_options& o, int 
   return std::make_shared<grove::cpu_runner>(options);
 }
 
-/// Calls `fn.template operator()<Format>()` with the storage type of `grove run --dtype`.
+/// Calls `fn.template operator()<Format>()` with the storage type of a `--dtype` (through
+/// grove::visit_format, where a format named at run time becomes a type). The tool holds
+/// activations in fp32, so it runs no f64 layer; CLI11 lets no "f64" through to here.
 template <class Fn>
-decltype(auto) with_run_format(const std::string& dtype, Fn&& fn) {
-  if (dtype == "bf16") return fn.template operator()<grove::bf16>();
-  if (dtype == "q8") return fn.template operator()<grove::q8_block>();
-  if (dtype == "q4") return fn.template operator()<grove::q4_block>();
-  return fn.template operator()<float>();
+decltype(auto) with_cli_format(const std::string& dtype, Fn&& fn) {
+  using result = decltype(fn.template operator()<float>());
+  return grove::visit_format(grove::parse_weight_format(dtype), [&]<class Format>() -> result {
+    if constexpr (std::is_same_v<Format, double>)
+      throw grove::error("grove: --dtype f64 is not a format the grove tool runs");
+    else
+      return fn.template operator()<Format>();
+  });
 }
 
 /// What `grove run` writes, however it was computed (one process, or gathered on rank 0 from

@@ -62,13 +62,8 @@ class mpi_session {
 
 namespace ep {
 
-/// The first of rank `rank`'s rows when `total` rows are split into P contiguous blocks in rank
-/// order, the first total mod P blocks one row longer.
-inline index first_row_of(index total, int P, int rank) {
-  return static_cast<index>(rank) * (total / P) + std::min<index>(rank, total % P);
-}
-
-/// Rank 0's rows [T, cols], block q to rank q (first_row_of); the other ranks pass nothing.
+/// Rank 0's rows [T, cols], block q to rank q (grove::first_row_of_rank); the other ranks pass
+/// nothing.
 /// Collective; returns this rank's block.
 inline matrix scatter_rows(grove::communicator& comm, const matrix& on_root, index cols) {
   const int P = comm.size();
@@ -76,7 +71,8 @@ inline matrix scatter_rows(grove::communicator& comm, const matrix& on_root, ind
   if (comm.rank() == 0) {
     for (int q = 0; q < P; ++q)
       send_counts[static_cast<std::size_t>(q)] = static_cast<std::size_t>(
-          (first_row_of(on_root.rows(), P, q + 1) - first_row_of(on_root.rows(), P, q)) * cols) * sizeof(float);
+          (grove::first_row_of_rank(on_root.rows(), P, q + 1) - grove::first_row_of_rank(on_root.rows(), P, q)) * cols) *
+          sizeof(float);
   }
   const std::span<const float> values =
       comm.rank() == 0 ? std::span<const float>(on_root.data(), static_cast<std::size_t>(on_root.size()))
@@ -87,16 +83,6 @@ inline matrix scatter_rows(grove::communicator& comm, const matrix& on_root, ind
   matrix mine(static_cast<index>(received.size() / sizeof(float)) / cols, cols);
   if (!received.empty()) std::memcpy(mine.data(), received.data(), received.size());
   return mine;
-}
-
-/// Every rank's rows [T_r, cols], concatenated in rank order. Collective.
-template <class T>
-grove::row_matrix<T> gather_rows(grove::communicator& comm, const grove::row_matrix<T>& mine, index cols) {
-  const std::vector<T> all =
-      grove::gather_in_rank_order(comm, std::span<const T>(mine.data(), static_cast<std::size_t>(mine.size())));
-  grove::row_matrix<T> out(static_cast<index>(all.size()) / cols, cols);
-  if (!all.empty()) std::memcpy(out.data(), all.data(), all.size() * sizeof(T));
-  return out;
 }
 
 /// The whole layer's gradients from every rank's shard: each rank's groups from that rank, the
@@ -162,12 +148,14 @@ run_results run_rank(grove::mpi_communicator& comm, const run_options& o, const 
     layer.forward(x, forward);
   }
   run_results r;
-  r.y = gather_rows(comm, forward.y, H);
-  r.routing.logits = gather_rows(comm, forward.plan.logits, s.dims.experts);
-  r.routing.topk_ids = gather_rows(comm, forward.plan.topk_ids, s.top_k);
-  r.routing.topk_weights = gather_rows(comm, forward.plan.topk_weights, s.top_k);
+  r.y = grove::gather_rows_in_rank_order<float>(comm, forward.y);
+  r.routing.logits = grove::gather_rows_in_rank_order<float>(comm, forward.plan.logits);
+  r.routing.topk_ids = grove::gather_rows_in_rank_order<std::int32_t>(comm, forward.plan.topk_ids);
+  r.routing.topk_weights = grove::gather_rows_in_rank_order<float>(comm, forward.plan.topk_weights);
   r.routing.tokens = r.y.rows();
-  if (gradients) r.gradients = backward_outputs{gather_rows(comm, dx, H), gather_gradients(comm, placement, *gradients)};
+  if (gradients)
+    r.gradients = backward_outputs{grove::gather_rows_in_rank_order<float>(comm, dx),
+                                   gather_gradients(comm, placement, *gradients)};
   return r;
 }
 
@@ -202,7 +190,7 @@ inline int run_expert_parallel(const run_options& o) {
   const matrix x = ep::scatter_rows(comm, x_all, s.dims.hidden);
   std::optional<matrix> dy;
   if (o.backward) dy = ep::scatter_rows(comm, dy_all ? *dy_all : matrix(), s.dims.hidden);
-  const run_results r = with_run_format(s.dtype, [&]<class Format>() {
+  const run_results r = with_cli_format(s.dtype, [&]<class Format>() {
     return ep::run_rank<Format>(comm, o, s, *weights, *placement, threads, x, dy);
   });
 

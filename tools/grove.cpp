@@ -51,7 +51,7 @@ int run_command(const run_options& o) {
   const matrix x = read_rows(in, "x", s.dims.hidden);
   std::optional<matrix> dy;
   if (o.backward) dy = read_dy(in, x, s.dims.hidden);
-  const run_results r = with_run_format(s.dtype, [&]<class Format>() {
+  const run_results r = with_cli_format(s.dtype, [&]<class Format>() {
     return run_in_one_process<Format>(o, s, weights, x, dy);
   });
   write_run_output(o, r, x, in, s.top_k, s.scale);

@@ -30,11 +30,17 @@ struct quantize_options {
   std::string weights, prefix, dtype, out;
 };
 
-/// Calls `fn.template operator()<Block>()` with the block type of "q8" or "q4".
+/// Calls `fn.template operator()<Block>()` with the block type of `--dtype` (q8 or q4; CLI11 lets
+/// no other through).
 template <class Fn>
 decltype(auto) with_block_format(const std::string& dtype, Fn&& fn) {
-  if (dtype == "q4") return fn.template operator()<grove::q4_block>();
-  return fn.template operator()<grove::q8_block>();
+  using result = decltype(fn.template operator()<grove::q8_block>());
+  return with_cli_format(dtype, [&]<class Format>() -> result {
+    if constexpr (grove::is_block_format<Format>)
+      return fn.template operator()<Format>();
+    else
+      throw grove::error("grove: quantize writes q8 or q4, not " + dtype);
+  });
 }
 
 /// The metadata every file `grove quantize` writes carries.
@@ -79,10 +85,12 @@ inline int quantize_checkpoint(const quantize_options& o) {
   const io::checkpoint weights(o.weights);
   const fs::path out(o.out);
   std::error_code ec;
+  // The checkpoint's directory (a single file's folder): where config.json is, where not to write.
+  fs::path input_dir = fs::is_directory(o.weights, ec) ? fs::path(o.weights) : fs::path(o.weights).parent_path();
+  if (input_dir.empty()) input_dir = ".";
   {
     // Never into the input, nor over anything: DIR is new, or an empty directory.
-    const fs::path input_dir = fs::is_directory(o.weights, ec) ? fs::path(o.weights) : fs::path(o.weights).parent_path();
-    if (fs::exists(out, ec) && fs::equivalent(out, input_dir.empty() ? fs::path(".") : input_dir, ec))
+    if (fs::exists(out, ec) && fs::equivalent(out, input_dir, ec))
       throw grove::error("grove: --out " + in_quotes(out) + " is the checkpoint's own directory; writing there "
                          "would mix with or destroy its files (choose a new directory)");
     if (fs::exists(out, ec) && (!fs::is_directory(out, ec) || !fs::is_empty(out, ec)))
@@ -135,9 +143,9 @@ inline int quantize_checkpoint(const quantize_options& o) {
     const io::tensor_entry& e = weights.entry(name);
     writer.add_bytes(name, e.type, e.shape, weights.read_bytes(name));
   };
-  const auto write_shard = [&](io::safetensors_writer& writer, const std::vector<std::string>& written, std::size_t i) {
+  const auto write_shard = [&](io::safetensors_writer& writer, std::size_t i) {
     writer.write(out / shard_name(i));
-    for (const std::string& name : written) weight_map[name] = shard_name(i);
+    for (const std::string& name : writer.names()) weight_map[name] = shard_name(i);
     return fs::file_size(out / shard_name(i));
   };
   const auto start = std::chrono::steady_clock::now();
@@ -150,23 +158,9 @@ inline int quantize_checkpoint(const quantize_options& o) {
         const grove::layer_parameters<Block> quantized = io::load_layer<Block>(weights, layer);
         io::add_quantized_layer(writer, quantized, layer);
       }
-      std::vector<std::string> written;
-      // The layer's tensors as the writer named them: the router, the bias, qweight and scales.
-      for (const std::string& name : {io::tensor_name(layer, "gate.weight"), io::tensor_name(layer, "expert_bias")})
-        written.push_back(name);
-      grove::weights_view<float>(io::infer_layer_dims(weights, layer))
-          .for_each_tensor([&](const grove::tensor_info& info, const float* const&) {
-            if (info.role == grove::tensor_role::router || info.role == grove::tensor_role::selection_bias) return;
-            const std::string name = io::tensor_name(layer, info.name);
-            written.push_back(io::qweight_name(name));
-            written.push_back(io::scales_name(name));
-          });
-      for (const std::string& name : others_of[block_of(layer + ".")]) {
-        copy_unchanged(writer, name);
-        written.push_back(name);
-      }
+      for (const std::string& name : others_of[block_of(layer + ".")]) copy_unchanged(writer, name);
       others_of.erase(block_of(layer + "."));  // a block with two Grove layers copies its others once
-      const std::uintmax_t bytes = write_shard(writer, written, i);
+      const std::uintmax_t bytes = write_shard(writer, i);
       total += bytes;
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       const double left = elapsed / double(i + 1) * double(layers.size() - i - 1);
@@ -179,7 +173,7 @@ inline int quantize_checkpoint(const quantize_options& o) {
     io::safetensors_writer writer;
     tag_output(writer);
     for (const std::string& name : rest_shards[r]) copy_unchanged(writer, name);
-    total += write_shard(writer, rest_shards[r], layers.size() + r);
+    total += write_shard(writer, layers.size() + r);
   }
   // The index, and config.json beside the input's (when it has one).
   nlohmann::ordered_json index;
@@ -191,8 +185,7 @@ inline int quantize_checkpoint(const quantize_options& o) {
     file.write(text.data(), text.size());
     file.commit();
   }
-  const fs::path config = (fs::is_directory(o.weights, ec) ? fs::path(o.weights) : fs::path(o.weights).parent_path()) /
-                          "config.json";
+  const fs::path config = input_dir / "config.json";
   if (fs::is_regular_file(config, ec)) fs::copy_file(config, out / "config.json");
   std::cout << "grove: wrote " << in_quotes(out) << ": " << layers.size() << " Grove layer(s) in " << o.dtype << ", "
             << shard_count << " shard(s), " << format_mib(total) << " in all, with "

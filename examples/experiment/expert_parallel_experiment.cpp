@@ -55,22 +55,14 @@ namespace io = grove::io;
 
 // ---- rows across ranks ------------------------------------------------------------------------
 
-/// The first of rank r's rows when `total` rows are split into P contiguous blocks in rank order.
-index first_row(index total, int P, int r) { return index(r) * (total / P) + std::min<index>(r, total % P); }
-
+/// Rank r's block of a batch's rows (contiguous, nearly equal blocks in rank order).
 matrix rows_of_rank(const matrix& all, int P, int r) {
-  const index first = first_row(all.rows(), P, r);
-  return all.middleRows(first, first_row(all.rows(), P, r + 1) - first);
+  const index first = grove::first_row_of_rank(all.rows(), P, r);
+  return all.middleRows(first, grove::first_row_of_rank(all.rows(), P, r + 1) - first);
 }
 
 /// Every rank's rows, in rank order, on every rank.
-matrix gather(grove::communicator& comm, const matrix& mine) {
-  const std::vector<float> all =
-      grove::gather_in_rank_order(comm, std::span<const float>(mine.data(), static_cast<std::size_t>(mine.size())));
-  matrix out(static_cast<index>(all.size()) / mine.cols(), mine.cols());
-  std::copy(all.begin(), all.end(), out.data());
-  return out;
-}
+matrix gather(grove::communicator& comm, const matrix& mine) { return grove::gather_rows_in_rank_order<float>(comm, mine); }
 
 // ---- products in a fixed order ------------------------------------------------------------------
 

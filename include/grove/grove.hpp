@@ -33,5 +33,6 @@
 #include "grove/layer/check_finite_output.hpp"
 #include "grove/distributed/communicator.hpp"
 #include "grove/distributed/placement.hpp"
+#include "grove/distributed/rank_rows.hpp"
 #include "grove/distributed/expert_parallel.hpp"
 #include "grove/distributed/timed_communicator.hpp"

@@ -109,15 +109,6 @@ struct layer_dims {
          d.groups * 3 * d.hidden * d.adjugate_intermediate;
 }
 
-/// The parameters of a shard that holds the router and the listed whole groups (each group's
-/// E / G experts and its adjugate): what one expert-parallel rank keeps. An empty list means
-/// every group, as in layer_weights::held_groups().
-[[nodiscard]] inline index shard_parameters(const layer_dims& d, std::span<const index> groups) {
-  if (groups.empty()) return total_parameters(d);
-  const index per_group = d.group_size() * 3 * d.hidden * d.expert_intermediate + 3 * d.hidden * d.adjugate_intermediate;
-  return d.experts * d.hidden + static_cast<index>(groups.size()) * per_group;
-}
-
 namespace detail {
 
 /// Checks a list of whole groups (a shard of a layer: restrict_to_groups, layer_weights::

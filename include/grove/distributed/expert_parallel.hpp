@@ -33,6 +33,7 @@
 #include "grove/config/layer_config.hpp"
 #include "grove/distributed/communicator.hpp"
 #include "grove/distributed/placement.hpp"
+#include "grove/distributed/rank_rows.hpp"
 #include "grove/error.hpp"
 #include "grove/formats/format_traits.hpp"
 #include "grove/layer/layer.hpp"
@@ -249,18 +250,12 @@ class expert_parallel_layer {
     });
 
     // 4. Every rank: the router's weight gradient over every rank's tokens, in token order.
-    const std::vector<scalar> all_dl = gather_in_rank_order(*comm_, std::span<const scalar>(dl.data(), static_cast<std::size_t>(dl.size())));
-    std::vector<scalar> own_x(static_cast<std::size_t>(x.rows() * H));
-    for (index t = 0; t < x.rows(); ++t)
-      for (index c = 0; c < H; ++c) own_x[static_cast<std::size_t>(t * H + c)] = x(t, c);
-    const std::vector<scalar> all_x = gather_in_rank_order(*comm_, std::span<const scalar>(own_x));
+    const row_matrix<scalar> gathered_dl = gather_rows_in_rank_order<scalar>(*comm_, dl);
+    const row_matrix<scalar> gathered_x = gather_rows_in_rank_order<scalar>(*comm_, x);
     comm_->step("expert-parallel backward", [&] {
-      const index E = dims().experts;
-      const auto total = static_cast<index>(all_x.size()) / H;
-      detail::require(static_cast<index>(all_dl.size()) == total * E, "grove: the ranks sent ", all_dl.size(),
-                      " logit gradients for ", total, " tokens of E = ", E);
-      const Eigen::Map<const row_matrix<scalar>> gathered_x(all_x.data(), total, H);
-      const row_matrix<scalar> gathered_dl = Eigen::Map<const row_matrix<scalar>>(all_dl.data(), total, E);
+      detail::require(gathered_dl.rows() == gathered_x.rows() && gathered_dl.cols() == dims().experts,
+                      "grove: the ranks sent ", gathered_dl.size(), " logit gradients for ", gathered_x.rows(),
+                      " tokens of E = ", dims().experts);
       router_weight_gradient<scalar>(gathered_x, gathered_dl, grads);
     });
   }

@@ -77,6 +77,11 @@ inline index weight_rows(const io::checkpoint& ckpt, const std::string& name, co
   return matrix_shape(ckpt, name, expected).first;
 }
 
+/// " (layer prefix 'P' in checkpoint 'path')": what the loaders add to a tensor's error.
+inline std::string layer_context(const io::checkpoint& ckpt, std::string_view prefix) {
+  return " (layer prefix '" + std::string(prefix) + "' in checkpoint " + quoted(ckpt.path()) + ")";
+}
+
 /// True for the tensors of the adjugate experts (chunk_experts.{j}.*).
 inline bool is_adjugate(tensor_role r) {
   return r == tensor_role::adjugate_gate || r == tensor_role::adjugate_up || r == tensor_role::adjugate_down;
@@ -273,8 +278,7 @@ void read_layer_tensors(const checkpoint& ckpt, std::string_view prefix, const w
   try {
     check_finite(weights_view<Scalar>(into));
   } catch (const error& e) {
-    throw error(std::string(e.what()) + " (layer prefix '" + std::string(prefix) + "' in checkpoint " +
-                detail::quoted(ckpt.path()) + ")");
+    throw error(std::string(e.what()) + detail::layer_context(ckpt, prefix));
   }
 }
 
@@ -295,12 +299,12 @@ void quantize_layer_tensors(const checkpoint& ckpt, std::string_view prefix, lay
     }
     values.resize(static_cast<std::size_t>(info.size()));
     read_as_float(ckpt, name, info.rows, info.cols, values);
-    for (std::size_t i = 0; i < values.size(); ++i)
-      if (!std::isfinite(values[i]))
-        throw error("grove: tensor '" + info.name + "' holds a non-finite value (" + std::to_string(values[i]) +
-                    ") at row " + std::to_string(static_cast<index>(i) / info.cols) + ", column " +
-                    std::to_string(static_cast<index>(i) % info.cols) + " (layer prefix '" + std::string(prefix) +
-                    "' in checkpoint " + detail::quoted(ckpt.path()) + ")");
+    // Before quantizing: a NaN would not even reach the block's scale.
+    try {
+      detail::require_finite(info, values.data(), info.size());
+    } catch (const error& e) {
+      throw error(std::string(e.what()) + detail::layer_context(ckpt, prefix));
+    }
     if (info.role == tensor_role::router) std::copy(values.begin(), values.end(), into.routing_router().begin());
     const index units = units_per_row<Storage>(info.cols);
     for (index r = 0; r < info.rows; ++r) encode_row(values.data() + r * info.cols, info.cols, data + r * units);

@@ -494,6 +494,12 @@ class safetensors_writer {
 
   [[nodiscard]] bool contains(const std::string& name) const { return index_.count(name) != 0; }
   [[nodiscard]] std::size_t size() const { return tensors_.size(); }
+  /// The names of the tensors added, in order.
+  [[nodiscard]] std::vector<std::string> names() const {
+    std::vector<std::string> out;
+    for (const pending& t : tensors_) out.push_back(t.name);
+    return out;
+  }
 
   /// The JSON header as written, padding included (without the 8-byte length).
   [[nodiscard]] std::string header() const {

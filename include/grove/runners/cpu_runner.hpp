@@ -88,14 +88,8 @@ class cpu_runner final : public runner {
   }
 
  protected:
-  void run_forward(const expert_forward<float>& request) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    engine_.forward(request);
-  }
-  void run_forward(const expert_forward<bf16>& request) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    engine_.forward(request);
-  }
+  void run_forward(const expert_forward<float>& request) override { fused_forward(request); }
+  void run_forward(const expert_forward<bf16>& request) override { fused_forward(request); }
   void run_forward(const expert_forward<double>& request) override {
     detail::require(request.output == forward_output::combined,
                     "grove: group partials need fp32 or BF16 weights (fp64 runs the plain per-expert path)");
@@ -104,14 +98,8 @@ class cpu_runner final : public runner {
     else
       cpu::forward_experts_simple<double>(request.weights, request.plan, request.x, request.y);
   }
-  void run_block_forward(const expert_forward<q8_block>& request) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    engine_.forward(request);
-  }
-  void run_block_forward(const expert_forward<q4_block>& request) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    engine_.forward(request);
-  }
+  void run_block_forward(const expert_forward<q8_block>& request) override { fused_forward(request); }
+  void run_block_forward(const expert_forward<q4_block>& request) override { fused_forward(request); }
   void run_backward(const expert_backward<float>& request) override {
     std::lock_guard<std::mutex> lock(mutex_);
     engine_.backward(request);
@@ -122,6 +110,13 @@ class cpu_runner final : public runner {
   }
 
  private:
+  /// The fused pass of every format the engine runs, one call at a time.
+  template <class Weight>
+  void fused_forward(const expert_forward<Weight>& request) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    engine_.forward(request);
+  }
+
   mutable std::mutex mutex_;
   detail::cpu_engine engine_;
 };

@@ -211,18 +211,14 @@ class layer_parameters {
   }
 
   /// Whether a tensor's memory is here: the router, and every expert and adjugate of a held group.
-  [[nodiscard]] bool holds(const tensor_info& info) const {
-    const index group = group_of_tensor(info, dims_.group_size());
-    return held_groups_.empty() || group < 0 || std::binary_search(held_groups_.begin(), held_groups_.end(), group);
-  }
+  [[nodiscard]] bool holds(const tensor_info& info) const { return holds_tensor(held_groups_, info, dims_.group_size()); }
 
   /// The storage units of a layer of these dims, or of a shard of the listed groups.
   static std::size_t units_for(const layer_dims& dims, std::span<const index> groups) {
-    const weights_view<float> full(dims);
-    const weights_view<float> layout = groups.empty() ? full : full.only_groups(groups);
     index units = 0;
-    layout.for_each_tensor([&](const tensor_info& info, const float* const&) {
-      if (info.role != tensor_role::selection_bias && layout.holds(info)) units += units_of(info);
+    weights_view<float>(dims).for_each_tensor([&](const tensor_info& info, const float* const&) {
+      if (info.role != tensor_role::selection_bias && holds_tensor(groups, info, dims.group_size()))
+        units += units_of(info);
     });
     return static_cast<std::size_t>(units);
   }

@@ -53,6 +53,14 @@ struct tensor_info {
   return -1;
 }
 
+/// Whether a shard of `held_groups` (sorted; empty: every group) holds the tensor `info`
+/// describes: the router and the bias always, an expert or an adjugate when its group is held.
+/// The one rule of layer_weights::holds and layer_parameters' buffers.
+[[nodiscard]] inline bool holds_tensor(std::span<const index> held_groups, const tensor_info& info, index group_size) {
+  const index group = group_of_tensor(info, group_size);
+  return group < 0 || held_groups.empty() || std::binary_search(held_groups.begin(), held_groups.end(), group);
+}
+
 namespace detail {
 /// Whether T is a block format's storage (q8, q4): its tensors have no Eigen view.
 template <class T>
@@ -184,10 +192,7 @@ class layer_weights {
   [[nodiscard]] std::span<const index> held_groups() const { return held_groups_; }
   /// Whether the tensor `info` describes belongs to this view: the router and the bias always,
   /// an expert or an adjugate when its group is held.
-  [[nodiscard]] bool holds(const tensor_info& info) const {
-    const index group = group_of_tensor(info, dims_.group_size());
-    return group < 0 || holds_group(group);
-  }
+  [[nodiscard]] bool holds(const tensor_info& info) const { return holds_tensor(held_groups_, info, dims_.group_size()); }
 
   /// Throws grove::error naming the first tensor that was never bound. A view made by
   /// only_groups needs only the tensors of the groups it holds (and the router).

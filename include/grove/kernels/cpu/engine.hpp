@@ -177,22 +177,19 @@ class cpu_engine {
   template <class RowOf>
   void quantize_rows(index rows, index values, const RowOf& row_of, std::int8_t* q, index ldq, float* scales,
                      index lds) {
-    const int threads = pool_->size();
-    auto region = [&](int thread) {
-      for (index r = rows * thread / threads; r < rows * (thread + 1) / threads; ++r) {
+    const auto quantize = [&](index begin, index end) {
+      for (index r = begin; r < end; ++r) {
         const auto [row, n] = row_of(r);
         quantize_activations(row, n, q + r * ldq, scales + r * lds);
       }
     };
-    if (values < (index(1) << 14) || threads == 1)
-      region_alone(region);
-    else
-      pool_->run(region);
-  }
-  template <class Region>
-  void region_alone(const Region& region) {
     const int threads = pool_->size();
-    for (int t = 0; t < threads; ++t) region(t);
+    if (values < (index(1) << 14) || threads == 1) {
+      quantize(0, rows);
+    } else {
+      auto region = [&](int thread) { quantize(rows * thread / threads, rows * (thread + 1) / threads); };
+      pool_->run(region);
+    }
   }
 
   /// Runs `count` tiles on every thread, each taken from a shared counter; fn(thread, tile,

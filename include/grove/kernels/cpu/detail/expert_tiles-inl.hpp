@@ -532,15 +532,18 @@ inline void copy_floats(float* to, const float* from, index n) {
   if (i < n) fbatch::load_partial(from + i, static_cast<int>(n - i)).store_partial(to + i, static_cast<int>(n - i));
 }
 
-/// One down tile: columns [tile·down_cols, ...) of y, zeroed, then group by group: the group's
-/// items summed into `partial` (this thread's scratch, from +0), which is then added to y, or
-/// stored as the group's partials. `following` (or -1) is the tile the calling thread runs next
-/// (prefetched at the very end).
-template <class Pass>
-void down_tile(const Pass& pass, index tile, index following, float* partial) {
-  using A = std::remove_const_t<std::remove_pointer_t<decltype(pass.h)>>;
-  using W = std::remove_const_t<std::remove_pointer_t<decltype(pass.items->gate)>>;
-  using P = typename operands_for<A, W>::type;
+/// What every format's down tile does around its items, in the canonical order
+/// (plan/combine.hpp): columns [tile·down_cols, …) of y zeroed (unless the pass writes
+/// partials), then group by group: the group's partial (this thread's scratch) from +0,
+/// `run_item(pass, item, c_begin, c_end, partial, next_item, next_col)` for each of the group's
+/// items, and the partial added to y or stored as the group's partials. `next_item` and
+/// `next_col` are what an item prefetches at its end: the next item's first panel of at most
+/// `prefetch_cols` rows, or the first of the tile this thread runs next (`following`, or -1).
+/// The quantized tiles (quantized_tiles-inl.hpp) run their items through it too.
+template <class Pass, class RunItem>
+void down_tile_in_groups(const Pass& pass, index tile, index following, float* partial, index prefetch_cols,
+                         const RunItem& run_item) {
+  using item_type = std::remove_const_t<std::remove_pointer_t<decltype(pass.items)>>;
   const index c_begin = tile * pass.down_cols;
   const index c_end = c_begin + pass.down_cols < pass.hidden ? c_begin + pass.down_cols : pass.hidden;
   const index width = c_end - c_begin;
@@ -550,8 +553,7 @@ void down_tile(const Pass& pass, index tile, index following, float* partial) {
     const detail::group_span& group = pass.groups[g];
     zero_floats(partial, group.row_count * width);
     for (index i = group.item_begin; i < group.item_end; ++i) {
-      const detail::expert_item<W>& item = pass.items[i];
-      const detail::expert_item<W>* next_item = nullptr;
+      const item_type* next_item = nullptr;
       index next_col = c_begin;
       if (i + 1 < pass.item_count) {
         next_item = &pass.items[i + 1];
@@ -559,17 +561,10 @@ void down_tile(const Pass& pass, index tile, index following, float* partial) {
         next_item = &pass.items[0];
         next_col = following * pass.down_cols;
       }
-      // The prefetch reads at most down_cols(1) rows from next_col: stay inside the matrix.
-      if (next_item != nullptr && next_col + down_cols(1) > pass.hidden) next_col = pass.hidden - down_cols(1);
+      // The prefetch reads at most prefetch_cols rows from next_col: stay inside the matrix.
+      if (next_item != nullptr && next_col + prefetch_cols > pass.hidden) next_col = pass.hidden - prefetch_cols;
       if (next_col < 0) next_item = nullptr;
-      if (item.row_count >= max_rows)
-        down_panels<P, down_cols(max_rows)>(pass, item, c_begin, c_end, partial, next_item, next_col);
-      else if (item.row_count == 3)
-        down_panels<P, down_cols(3)>(pass, item, c_begin, c_end, partial, next_item, next_col);
-      else if (item.row_count == 2)
-        down_panels<P, down_cols(2)>(pass, item, c_begin, c_end, partial, next_item, next_col);
-      else
-        down_panels<P, down_cols(1)>(pass, item, c_begin, c_end, partial, next_item, next_col);
+      run_item(pass, pass.items[i], c_begin, c_end, partial, next_item, next_col);
     }
     if (pass.partials != nullptr) {
       for (index r = 0; r < group.row_count; ++r)
@@ -579,6 +574,36 @@ void down_tile(const Pass& pass, index tile, index following, float* partial) {
         add_floats(pass.y + static_cast<index>(group.rows[r].token) * pass.ldy + c_begin, partial + r * width, width);
     }
   }
+}
+
+/// The fp32 and bf16 items of a down tile: down_panels at the width that fits the item's rows.
+/// (A struct, not a lambda: clang's target pragma does not reach lambdas.)
+template <class P>
+struct down_panel_items {
+  template <class Pass, class Item>
+  void operator()(const Pass& pass, const Item& item, index c_begin, index c_end, float* partial,
+                  const Item* next_item, index next_col) const {
+    if (item.row_count >= max_rows)
+      down_panels<P, down_cols(max_rows)>(pass, item, c_begin, c_end, partial, next_item, next_col);
+    else if (item.row_count == 3)
+      down_panels<P, down_cols(3)>(pass, item, c_begin, c_end, partial, next_item, next_col);
+    else if (item.row_count == 2)
+      down_panels<P, down_cols(2)>(pass, item, c_begin, c_end, partial, next_item, next_col);
+    else
+      down_panels<P, down_cols(1)>(pass, item, c_begin, c_end, partial, next_item, next_col);
+  }
+};
+
+/// One down tile: columns [tile·down_cols, ...) of y, zeroed, then group by group: the group's
+/// items summed into `partial` (this thread's scratch, from +0), which is then added to y, or
+/// stored as the group's partials. `following` (or -1) is the tile the calling thread runs next
+/// (prefetched at the very end).
+template <class Pass>
+void down_tile(const Pass& pass, index tile, index following, float* partial) {
+  using A = std::remove_const_t<std::remove_pointer_t<decltype(pass.h)>>;
+  using W = std::remove_const_t<std::remove_pointer_t<decltype(pass.items->gate)>>;
+  using P = typename operands_for<A, W>::type;
+  down_tile_in_groups(pass, tile, following, partial, down_cols(1), down_panel_items<P>{});
 }
 
 /// Copies rows [r0, r1) of x into the padded staging buffer (fp32).

@@ -138,13 +138,22 @@ constexpr int dot_cols(int mr) {
   return mr == 1 ? 6 : 3;
 }
 /// gate/up: two weight matrices, half the columns.
-constexpr int dot2_cols(int mr) { return dot_cols(mr) / 2 > 0 ? dot_cols(mr) / 2 : 1; }
+constexpr int dot2_cols(int mr) { return dot_cols(mr) / 2; }
 
 /// A row of quantized activations: its int8 blocks and their scales.
 struct activation_row {
   const std::int8_t* q;
   const float* scale;
 };
+
+/// Block b of MR activation rows, as the dots read it: the prepared values and the scales.
+template <int MR>
+void load_block(const activation_row* a, index b, activation_block* av, float* da) {
+  for (int r = 0; r < MR; ++r) {
+    av[r] = load_activations(a[r].q + b * quant_block_size);
+    da[r] = a[r].scale[b];
+  }
+}
 
 /// out[r·NR + c] = dot of activation row r with weight row w[c] (`blocks` blocks), in the
 /// documented order; the next panel's lines are prefetched from `pw`.
@@ -157,10 +166,7 @@ void dot_block(const activation_row* a, const Block* const* w, index blocks, flo
   for (index b = 0; b < blocks; ++b) {
     activation_block av[MR];
     float da[MR];
-    for (int r = 0; r < MR; ++r) {
-      av[r] = load_activations(a[r].q + b * quant_block_size);
-      da[r] = a[r].scale[b];
-    }
+    load_block<MR>(a, b, av, da);
     prefetch_lines<NR>(pw, q);
     for (int c = 0; c < NR; ++c) {
       const Block& block = w[c][b];
@@ -184,10 +190,7 @@ void dot_block2(const activation_row* a, const Block* const* w1, const Block* co
   for (index b = 0; b < blocks; ++b) {
     activation_block av[MR];
     float da[MR];
-    for (int r = 0; r < MR; ++r) {
-      av[r] = load_activations(a[r].q + b * quant_block_size);
-      da[r] = a[r].scale[b];
-    }
+    load_block<MR>(a, b, av, da);
     prefetch_lines<2 * NR>(pw, q);
     for (int c = 0; c < NR; ++c) {
       const Block& g = w1[c][b];
@@ -337,40 +340,26 @@ void down_rows(const Pass& pass, const expert_item<Block>& item, index c_begin, 
   }
 }
 
-/// One down tile: columns [tile·down_cols, …) of y, group by group in the canonical order: the
-/// group's items summed into `partial` (from +0), then added to y or stored as the partials.
+/// A down tile's items: down_rows at the row blocking that fits the item's rows. (A struct, not
+/// a lambda: clang's target pragma does not reach lambdas.)
+struct down_row_items {
+  template <class Pass, class Item>
+  void operator()(const Pass& pass, const Item& item, index c_begin, index c_end, float* partial,
+                  const Item* next_item, index next_col) const {
+    using Block = std::remove_const_t<std::remove_pointer_t<decltype(item.gate)>>;
+    if (item.row_count >= max_rows)
+      down_rows<Block, max_rows>(pass, item, c_begin, c_end, partial, next_item, next_col);
+    else
+      down_rows<Block, 1>(pass, item, c_begin, c_end, partial, next_item, next_col);
+  }
+};
+
+/// One down tile: columns [tile·down_cols, …) of y, group by group in the canonical order, as
+/// the fp32 tile (down_tile_in_groups, expert_tiles-inl.hpp): the group's items' integer dots
+/// summed into `partial` (from +0), then added to y or stored as the partials.
 template <class Pass>
 void down_tile(const Pass& pass, index tile, index following, float* partial) {
-  using Block = std::remove_const_t<std::remove_pointer_t<decltype(pass.items->gate)>>;
-  const index c_begin = tile * pass.down_cols;
-  const index c_end = c_begin + pass.down_cols < pass.hidden ? c_begin + pass.down_cols : pass.hidden;
-  const index width = c_end - c_begin;
-  if (pass.partials == nullptr)
-    for (index t = 0; t < pass.tokens; ++t) zero_floats(pass.y + t * pass.ldy + c_begin, width);
-  for (index g = 0; g < pass.group_count; ++g) {
-    const group_span& group = pass.groups[g];
-    zero_floats(partial, group.row_count * width);
-    for (index i = group.item_begin; i < group.item_end; ++i) {
-      const expert_item<Block>& item = pass.items[i];
-      const expert_item<Block>* next_item = i + 1 < pass.item_count ? &pass.items[i + 1]
-                                            : following >= 0        ? &pass.items[0]
-                                                                    : nullptr;
-      index next_col = i + 1 < pass.item_count ? c_begin : following * pass.down_cols;
-      if (next_item != nullptr && next_col + dot_cols(1) > pass.hidden) next_col = pass.hidden - dot_cols(1);
-      if (next_col < 0) next_item = nullptr;
-      if (item.row_count >= max_rows)
-        down_rows<Block, max_rows>(pass, item, c_begin, c_end, partial, next_item, next_col);
-      else
-        down_rows<Block, 1>(pass, item, c_begin, c_end, partial, next_item, next_col);
-    }
-    if (pass.partials != nullptr) {
-      for (index r = 0; r < group.row_count; ++r)
-        copy_floats(pass.partials + (group.first_row + r) * pass.ldp + c_begin, partial + r * width, width);
-    } else {
-      for (index r = 0; r < group.row_count; ++r)
-        add_floats(pass.y + static_cast<index>(group.rows[r].token) * pass.ldy + c_begin, partial + r * width, width);
-    }
-  }
+  down_tile_in_groups(pass, tile, following, partial, dot_cols(1), down_row_items{});
 }
 
 /// Dots of `rows` activation rows with `cols` weight rows (out [rows, cols], row-major): the
