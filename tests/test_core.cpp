@@ -382,7 +382,8 @@ TEST_SUITE("forward") {
 // =============================================================================================
 TEST_SUITE("routing") {
   TEST_CASE("batch invariance: a token's logits and picks are the same bits in any batch, at any position") {
-    // H = 67 and 130: a zero-padded last chunk on every SIMD width; E = 10: a short expert block.
+    // H = 67 and 130: a zero-padded last chunk on every SIMD width; E = 10 and 12: short expert
+    // blocks (of 5 experts on AVX-512, of 8 for a lone token).
     // H = 1100, E = 70: a batch's chains run in steps of H (512, 512, then 76 with the padded
     // chunk) through memory while a lone token's run in one; two chunks of experts, one short.
     for (const layer_dims dims : {layer_dims{67, 10, 5, 8, 4}, layer_dims{130, 12, 4, 8, 4},
@@ -407,6 +408,13 @@ TEST_SUITE("routing") {
           CHECK(std::bit_cast<std::uint32_t>(alone.logits(0, e)) == std::bit_cast<std::uint32_t>(whole.logits(t, e)));
           CHECK(std::bit_cast<std::uint32_t>(backwards.logits(T - 1 - t, e)) ==
                 std::bit_cast<std::uint32_t>(whole.logits(t, e)));
+        }
+        // Every length of a batch's short last block of tokens (1 to 4 rows; blocks hold 5).
+        for (const Index n : {Index{2}, Index{3}, Index{4}, Index{6}, Index{7}, Index{8}, Index{9}}) {
+          if (t >= n) continue;
+          const auto prefix = grove::route(params.view(), options, x.topRows(n));
+          for (Index e = 0; e < dims.experts; ++e)
+            CHECK(std::bit_cast<std::uint32_t>(prefix.logits(t, e)) == std::bit_cast<std::uint32_t>(whole.logits(t, e)));
         }
         for (Index s = 0; s < options.top_k; ++s) {
           CHECK(alone.topk_ids(0, s) == whole.topk_ids(t, s));

@@ -20,11 +20,13 @@ using fbatch = simd::float_batch<arch>;
 constexpr int lanes = fbatch::size;
 /// Tokens and experts per block: MR·NR accumulators, MR activation registers and a weight
 /// register fit the register file (16 vector registers on AVX2: 5 × 2 + 5 + 1; 32 on AVX-512:
-/// 6 × 4 + 6 + 1). More tokens per block read each router row from L2 fewer times, which keeps a
-/// large batch from waiting on L2: on AVX-512 four tokens did at T = 512, and on AVX2 (Zen 3)
-/// 5 × 2 runs routing at T = 128 and 512 in 0.87 to 0.89 of the time of 2 × 4 (same bits).
-constexpr int block_rows = arch::registers >= 32 ? 6 : 5;
-constexpr int block_experts = arch::registers >= 32 ? 4 : 2;
+/// 5 × 5 + 5 + 1). More tokens per block read each router row from L2 fewer times, which keeps a
+/// large batch from waiting on L2: on AVX2 (Zen 3) 5 × 2 runs routing at T = 128 and 512 in 0.87
+/// to 0.89 of the time of 2 × 4, and on AVX-512 (Zen 4) 5 × 5 runs them in 0.74 to 0.80 of the
+/// time of 6 × 4 (docs/performance.md, "Router logits"; 7 × 3, 6 × 3, 5 × 4, 4 × 5, 4 × 6 and
+/// 3 × 8 were all slower). The block shape never changes the bits.
+constexpr int block_rows = 5;
+constexpr int block_experts = arch::registers >= 32 ? 5 : 2;
 /// Experts per block for a lone token: 8 (more router rows in flight when nothing is reused
 /// from registers).
 constexpr int lone_block_experts = 8;
@@ -130,9 +132,10 @@ void token_block(const float* const* xr, int rows, index t0, const float* router
 /// Short blocks repeat their last row or expert and drop the result.
 inline void router_logits(const float* x, index ldx, index tokens, const float* router, index experts, index hidden,
                           float* logits, index ldl) {
-  // The accumulators of one token block's chains across an expert chunk: at most
-  // block_rows × experts_per_pass vectors (24 KiB on AVX-512), on the stack.
-  constexpr index state_vectors = (block_rows > 1 ? block_rows : 1) * (experts_per_pass + lone_block_experts);
+  // The accumulators of one token block's chains across an expert chunk: block_rows × (a chunk
+  // rounded up to whole expert blocks) vectors (23 KiB on AVX-512), on the stack.
+  constexpr index state_vectors = block_rows * (experts_per_pass + lone_block_experts);
+  static_assert(block_experts <= lone_block_experts, "the state holds a chunk rounded up to whole blocks");
   alignas(64) fbatch state[state_vectors];
   for (index chunk = 0; chunk < experts; chunk += experts_per_pass) {
     const index chunk_end = experts - chunk < experts_per_pass ? experts : chunk + experts_per_pass;
@@ -141,13 +144,11 @@ inline void router_logits(const float* x, index ldx, index tokens, const float* 
       const float* xr[block_rows];
       for (int r = 0; r < block_rows; ++r) xr[r] = x + (t0 + (r < rows ? r : rows - 1)) * ldx;
       // Short blocks (the batch's last) get their own instantiation, so no chain is computed twice.
-      constexpr int r6 = block_rows >= 6 ? 6 : 1, r5 = block_rows >= 5 ? 5 : 1, r4 = block_rows >= 4 ? 4 : 1,
-                    r3 = block_rows >= 3 ? 3 : 1;
+      static_assert(block_rows == 5, "one case per row count below");
       switch (rows) {
-        case 6: token_block<r6, block_experts>(xr, rows, t0, router, chunk, chunk_end, hidden, logits, ldl, state); break;
-        case 5: token_block<r5, block_experts>(xr, rows, t0, router, chunk, chunk_end, hidden, logits, ldl, state); break;
-        case 4: token_block<r4, block_experts>(xr, rows, t0, router, chunk, chunk_end, hidden, logits, ldl, state); break;
-        case 3: token_block<r3, block_experts>(xr, rows, t0, router, chunk, chunk_end, hidden, logits, ldl, state); break;
+        case 5: token_block<5, block_experts>(xr, rows, t0, router, chunk, chunk_end, hidden, logits, ldl, state); break;
+        case 4: token_block<4, block_experts>(xr, rows, t0, router, chunk, chunk_end, hidden, logits, ldl, state); break;
+        case 3: token_block<3, block_experts>(xr, rows, t0, router, chunk, chunk_end, hidden, logits, ldl, state); break;
         case 2: token_block<2, block_experts>(xr, rows, t0, router, chunk, chunk_end, hidden, logits, ldl, state); break;
         default:
           token_block<1, lone_block_experts>(xr, rows, t0, router, chunk, chunk_end, hidden, logits, ldl, state);
