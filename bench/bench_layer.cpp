@@ -63,6 +63,9 @@ constexpr grove::layer_dims dims = grove::grove_moe_inst_dims;
 constexpr index top_k = 8;
 constexpr double lambda = 0.05;
 constexpr index token_counts[] = {1, 16, 128, 512};
+/// The batch sizes of the kernels/ cases: where q8 and q4 cross over from the integer dots to
+/// the dequantized tiles (format_kernels.hpp, dequantize_from_rows).
+constexpr index crossover_counts[] = {16, 32, 64, 128, 512};
 
 // ---------------------------------------------------------------------------------------------
 // The layer, built once: fp32 weights in a huge-page buffer (values do not matter for speed;
@@ -139,7 +142,9 @@ struct model {
     bf16 = grove::layer_parameters<grove::bf16>::from(f32);
     x.resize(token_counts[3], dims.hidden);
     fill_uniform(x.data(), static_cast<std::size_t>(x.size()), 2, 1.0f);
-    for (index T : token_counts) {
+    std::vector<index> counts(std::begin(token_counts), std::end(token_counts));
+    counts.insert(counts.end(), std::begin(crossover_counts), std::end(crossover_counts));
+    for (index T : counts) {
       auto make = [&](const grove::weights_view<float>& router) {
         batch_plans p;
         p.grove = grove::route<float>(router, {top_k, lambda}, x.topRows(T));
@@ -158,12 +163,13 @@ model& the_model() {
   return m;
 }
 
-grove::cpu_runner& engine(int threads) {
-  static std::map<int, std::unique_ptr<grove::cpu_runner>> engines;
-  auto& e = engines[threads];
+grove::cpu_runner& engine(int threads, grove::quantized_kernels kernels = grove::quantized_kernels::automatic) {
+  static std::map<std::pair<int, grove::quantized_kernels>, std::unique_ptr<grove::cpu_runner>> engines;
+  auto& e = engines[{threads, kernels}];
   if (!e) {
     grove::cpu_runner_options options;
     options.threads = threads;
+    options.quantized = kernels;
     e = std::make_unique<grove::cpu_runner>(options);
   }
   return *e;
@@ -183,6 +189,7 @@ grove::detail::thread_pool& pool(int threads) {
 struct plan_cost {
   double flops = 0;
   double bytes = 0;
+  double rows = 0, items = 0;  // rows over the experts and adjugates with rows (the CPU runner's rows per item)
   std::vector<std::pair<const void*, std::size_t>> ranges;  // weight tensors read
 };
 
@@ -191,6 +198,8 @@ plan_cost cost_of(const grove::weights_view<W>& w, const grove::routing_plan<flo
   plan_cost c;
   auto add = [&](const grove::mlp_tensors<const W>& mlp, std::size_t rows) {
     if (rows == 0) return;
+    c.rows += double(rows);
+    c.items += 1;
     const auto inter = static_cast<double>(mlp.inter);
     c.flops += 6.0 * double(dims.hidden) * inter * double(rows);
     // Bytes as stored: gate and up are [inter, H], down [H, inter], in the format's units.
@@ -240,6 +249,7 @@ void set_counters(benchmark::State& state, index T, const plan_cost& c, const pr
   state.counters["weight_gbps"] = Counter(c.bytes * 1e-9 * iterations, Counter::kIsRate);
   state.counters["flops_per_iter"] = c.flops;
   state.counters["bytes_per_iter"] = c.bytes;
+  state.counters["rows_per_item"] = c.items > 0 ? c.rows / c.items : 0;
 }
 
 enum class format { fp32, bf16, q8, q4 };
@@ -258,12 +268,13 @@ decltype(auto) with_weights(format fmt, Fn&& fn) {
   return fn(m.f32);
 }
 
-void bm_experts(benchmark::State& state, format fmt, variant which, index T, int threads) {
+void bm_experts(benchmark::State& state, format fmt, variant which, index T, int threads,
+                grove::quantized_kernels kernels = grove::quantized_kernels::automatic) {
   model& m = the_model();
   const batch_plans& plans = fmt == format::bf16 ? m.plans_bf16.at(T) : m.plans_f32.at(T);
   const grove::routing_plan<float>& plan =
       which == variant::grove ? plans.grove : which == variant::per_pick ? plans.per_pick : plans.plain_moe;
-  grove::cpu_runner& eng = engine(threads);
+  grove::cpu_runner& eng = engine(threads, kernels);
   row_matrix<float> y(T, dims.hidden);
   const auto x = m.x.topRows(T);
   plan_cost c;
@@ -627,6 +638,22 @@ void register_all() {
       add("backward_recompute/fp32" + tt, [=](benchmark::State& s) { bm_backward(s, T, threads, false); });
     }
   }
+  // The block formats' two paths, each forced, and the automatic choice (item by item), beside
+  // bf16: where the choice should switch (kernels/<fmt>/<path>/T:…).
+  for (int threads : {1, 2})
+    for (index T : crossover_counts) {
+      const std::string tt = "/T:" + std::to_string(T) + "/threads:" + std::to_string(threads);
+      add("kernels/bf16" + tt, [=](benchmark::State& s) { bm_experts(s, format::bf16, variant::grove, T, threads); });
+      for (format fmt : {format::q8, format::q4})
+        for (const auto kernels : {grove::quantized_kernels::integer_dots, grove::quantized_kernels::dequantized,
+                                   grove::quantized_kernels::automatic}) {
+          const char* path = kernels == grove::quantized_kernels::dequantized    ? "/dequantized"
+                             : kernels == grove::quantized_kernels::integer_dots ? "/integer_dots"
+                                                                                 : "/automatic";
+          const std::string name = std::string("kernels/") + fmt_name[static_cast<int>(fmt)] + path + tt;
+          add(name, [=](benchmark::State& s) { bm_experts(s, fmt, variant::grove, T, threads, kernels); });
+        }
+    }
   for (index T : token_counts) {
     const std::string tt = "/T:" + std::to_string(T);
     add("route" + tt, [=](benchmark::State& s) { bm_route(s, T); });

@@ -555,7 +555,36 @@ TEST_CASE("cli: run --dtype q8 and q4 quantize at load, route in fp32, and stay 
     const auto backward = run("never.safetensors", "--dtype " + dtype + " --backward");
     CHECK(backward.code == 2);
     CHECK(contains(backward.err, "no backward for " + dtype));
+    // Either kernel path on request: each as near the reference, and not the same bits (so the
+    // option reaches the runner); auto is the default.
+    std::vector<float> by_path[3];
+    for (int p = 0; p < 3; ++p) {
+      const std::string path = p == 0 ? "integer" : p == 1 ? "dequantized" : "auto";
+      const auto forced = run(dtype + "-" + path + ".safetensors", "--dtype " + dtype + " --quantized-kernels " + path);
+      INFO(forced.err);
+      REQUIRE(forced.code == 0);
+      by_path[p] = io::safetensors_reader(dir / (dtype + "-" + path + ".safetensors")).read<float>("y").values;
+      REQUIRE(by_path[p].size() == ref.y.size());
+      double e = 0;
+      for (std::size_t i = 0; i < y.size(); ++i) e += (double(by_path[p][i]) - ref.y[i]) * (double(by_path[p][i]) - ref.y[i]);
+      CHECK(std::sqrt(e / norm) <= bound);
+    }
+    CHECK(by_path[0] != by_path[1]);
+    CHECK(y == by_path[2]);
   }
+  // Usage errors (exit 2): an unknown path, and a path for weights that are not q8 or q4.
+  for (const std::string& extra : {std::string("--dtype q8 --quantized-kernels fast"),
+                                   std::string("--dtype bf16 --quantized-kernels integer")}) {
+    INFO(extra);
+    const auto r = run("never.safetensors", extra);
+    CHECK(r.code == 2);
+    CHECK(r.err.rfind("grove: ", 0) == 0);
+  }
+  // An f32 file without --dtype runs in f32: the option is an error there too (exit 1).
+  const auto f32_file = run("never.safetensors", "--quantized-kernels dequantized");
+  CHECK(f32_file.code == 1);
+  CHECK(contains(f32_file.err, "--quantized-kernels chooses how q8 and q4 weights run"));
+  CHECK(!fs::exists(dir / "never.safetensors"));
 }
 
 TEST_CASE("cli: quantize writes a layer in q8 and q4 that runs as quantizing at load does, bit for bit") {

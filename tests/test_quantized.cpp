@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -77,11 +79,62 @@ std::vector<grove::simd::isa> levels() {
   return out;
 }
 
-std::shared_ptr<grove::cpu_runner> runner_of(int threads, grove::simd::isa level = grove::simd::best_isa()) {
+/// A runner of `threads` threads at `level`; the integer dots unless `kernels` says otherwise
+/// (the tests of the integer arithmetic use batches big enough for `automatic` to dequantize).
+std::shared_ptr<grove::cpu_runner> runner_of(int threads, grove::simd::isa level = grove::simd::best_isa(),
+                                             grove::quantized_kernels kernels = grove::quantized_kernels::integer_dots) {
   grove::cpu_runner_options o;
   o.threads = threads;
   o.isa = level;
+  o.quantized = kernels;
   return std::make_shared<grove::cpu_runner>(o);
+}
+
+/// y of `layer` on `x` from shards of its groups: each shard's group partials (its runner, a
+/// view of its groups, the plan restricted to them), gathered into the plan's group rows and
+/// combined, as an expert-parallel layer does across ranks.
+template <class Layer>
+row_matrix<float> y_from_shards(const Layer& layer, const grove::routing_plan<float>& plan, const row_matrix<float>& x,
+                                const std::vector<std::vector<Index>>& shards) {
+  row_matrix<float> gathered = row_matrix<float>::Zero(plan.group_row_count(), x.cols());
+  for (const auto& groups : shards) {
+    const auto part = grove::restrict_to_groups(plan, groups);
+    row_matrix<float> p(part.group_row_count(), x.cols());
+    layer.runner().forward_partials(layer.weights().only_groups(groups), part, x, p);
+    // part's group rows are plan's group rows of those groups, in order.
+    Index at = 0;
+    for (const Index g : groups)
+      for (Index r = plan.adjugate_offsets[static_cast<std::size_t>(g)];
+           r < plan.adjugate_offsets[static_cast<std::size_t>(g) + 1]; ++r)
+        gathered.row(r) = p.row(at++);
+  }
+  row_matrix<float> y = row_matrix<float>::Zero(x.rows(), x.cols());
+  grove::combine_partials(plan, gathered, y);
+  return y;
+}
+
+/// The fp32 layer a block layer stands for: each expert and adjugate tensor dequantized here
+/// (value × scale, from unpack's reading of the blocks), the router and the bias `source`'s.
+template <class Block>
+grove::layer_parameters<float> dequantized_layer(const grove::layer_parameters<Block>& q,
+                                                 const grove::layer_parameters<float>& source) {
+  std::vector<std::pair<std::string, const Block*>> blocks;
+  q.view().for_each_tensor([&](const grove::tensor_info& info, const Block* const& p) { blocks.emplace_back(info.name, p); });
+  grove::layer_parameters<float> out(source);
+  std::vector<std::int8_t> values;
+  std::vector<float> scales;
+  out.span().for_each_tensor([&](const grove::tensor_info& info, float*& p) {
+    if (info.role == grove::tensor_role::router || info.role == grove::tensor_role::selection_bias) return;
+    const auto it = std::find_if(blocks.begin(), blocks.end(), [&](const auto& b) { return b.first == info.name; });
+    REQUIRE(it != blocks.end());
+    const Index per_row = (info.cols + 31) / 32;
+    for (Index r = 0; r < info.rows; ++r) {
+      unpack(it->second + r * per_row, per_row, values, scales);
+      for (Index c = 0; c < info.cols; ++c)
+        p[r * info.cols + c] = float(values[static_cast<std::size_t>(c)]) * scales[static_cast<std::size_t>(c / 32)];
+    }
+  });
+  return out;
 }
 
 }  // namespace
@@ -239,22 +292,7 @@ TEST_SUITE("quantized") {
       grove::combine_partials(plan, partials, y);
       CHECK(same_bits(y, got.y));
       // Two shards of groups, gathered and combined, are the whole layer's y bit for bit.
-      const std::vector<Index> low{0, 1}, high{2, 3};
-      row_matrix<float> shard_partials = row_matrix<float>::Zero(plan.group_row_count(), d.hidden);
-      for (const auto& groups : {low, high}) {
-        const auto part = grove::restrict_to_groups(plan, groups);
-        row_matrix<float> p(part.group_row_count(), d.hidden);
-        q.runner().forward_partials(q.weights().only_groups(groups), part, x, p);
-        // part's group rows are plan's group rows of those groups, in order.
-        Index at = 0;
-        for (const Index g : groups)
-          for (Index r = plan.adjugate_offsets[static_cast<std::size_t>(g)];
-               r < plan.adjugate_offsets[static_cast<std::size_t>(g) + 1]; ++r)
-            shard_partials.row(r) = p.row(at++);
-      }
-      row_matrix<float> combined = row_matrix<float>::Zero(x.rows(), d.hidden);
-      grove::combine_partials(plan, shard_partials, combined);
-      CHECK(same_bits(combined, got.y));
+      CHECK(same_bits(y_from_shards(q, plan, x, {{0, 1}, {2, 3}}), got.y));
       return got.y;
     };
     const row_matrix<float> y8 = check.template operator()<q8_block>(0.02);
@@ -268,6 +306,144 @@ TEST_SUITE("quantized") {
                                                             grove::layer_parameters<q8_block>::from(source.view()),
                                                             runner_of(2, level));
       CHECK((q.forward(x) - y8).norm() <= 1e-4 * y8.norm());
+    }
+  }
+
+  TEST_CASE("dequantized tiles give the bits of the fp32 (or bf16) layer of the dequantized weights") {
+    // H = 100 and I = 40, Ia = 20: rows end in padded blocks, which the tiles leave out. At
+    // avx512_bf16 the tiles round the weights to bf16 and run the bf16 kernels; elsewhere fp32.
+    const grove::layer_dims d{100, 12, 4, 40, 20};
+    const auto source = grove::layer_parameters<float>::random(d, 21, 0.1);
+    const auto x = grove_test::random_matrix<float>(37, d.hidden, 22, 1.0);
+    const auto dequantized = grove::quantized_kernels::dequantized;
+    const auto check = [&]<class Block>() {
+      const auto q = grove::layer_parameters<Block>::from(source.view());
+      const auto f32 = dequantized_layer(q, source);
+      const auto bf16 = grove::layer_parameters<grove::bf16>::from(f32.view());
+      const grove::layer<grove::dynamic_config<Block>> layer(grove::dynamic_config<Block>(d, 3, 0.2),
+                                                             grove::layer_parameters<Block>(q), runner_of(1));
+      grove::routing_plan<float> plan;
+      layer.route_into(plan, x);
+      for (const auto mode : {grove::adjugate_mode::once_per_token, grove::adjugate_mode::once_per_pick,
+                              grove::adjugate_mode::none}) {
+        plan.adjugates = mode;
+        CAPTURE(static_cast<int>(mode));
+        for (const auto level : levels()) {
+          CAPTURE(grove::simd::isa_name(level));
+          row_matrix<float> got(x.rows(), d.hidden), want(x.rows(), d.hidden);
+          runner_of(1, level, dequantized)->forward(q.view(), plan, x, got);
+          if (level == grove::simd::isa::avx512_bf16)
+            runner_of(1, level)->forward(bf16.view(), plan, x, want);
+          else
+            runner_of(1, level)->forward(f32.view(), plan, x, want);
+          CHECK(same_bits(got, want));
+          // Every thread count gives the same bits, and so do the group partials, combined.
+          for (const int threads : {2, 3}) {
+            CAPTURE(threads);
+            row_matrix<float> again(x.rows(), d.hidden);
+            runner_of(threads, level, dequantized)->forward(q.view(), plan, x, again);
+            CHECK(same_bits(again, got));
+          }
+          if (mode != grove::adjugate_mode::once_per_pick) {
+            row_matrix<float> partials(plan.group_row_count(), d.hidden);
+            row_matrix<float> combined = row_matrix<float>::Zero(x.rows(), d.hidden);
+            runner_of(2, level, dequantized)->forward_partials(q.view(), plan, x, partials);
+            grove::combine_partials(plan, partials, combined);
+            CHECK(same_bits(combined, got));
+          }
+        }
+      }
+    };
+    check.template operator()<q8_block>();
+    check.template operator()<q4_block>();
+  }
+
+  TEST_CASE("automatic kernels: each expert and adjugate by its own rows, in any batch or shard") {
+    const auto level = grove::simd::best_isa();
+    const auto integer = grove::quantized_kernels::integer_dots, dequantized = grove::quantized_kernels::dequantized,
+               automatic = grove::quantized_kernels::automatic;
+    const Index from = grove::detail::cpu_format<q8_block>::dequantize_from_rows;
+    const auto rows_of = [](const grove::routing_plan<float>& plan, Index e) {
+      return static_cast<Index>(plan.rows_of_expert(e).size());
+    };
+
+    SUBCASE("one expert per group: each group's partials are its own path's, bit for bit") {
+      // G = E, so a group's expert and adjugate have the same rows and take the same path.
+      const grove::layer_dims d{64, 12, 12, 32, 16};
+      const auto source = grove::layer_parameters<float>::random(d, 23, 0.1);
+      const grove::layer<grove::dynamic_config<q8_block>> layer(grove::dynamic_config<q8_block>(d, 3, 0.2),
+                                                                grove::layer_parameters<q8_block>::from(source.view()),
+                                                                runner_of(1));
+      const auto x = grove_test::random_matrix<float>(24, d.hidden, 24, 1.0);  // about 6 rows per expert
+      grove::routing_plan<float> plan;
+      layer.route_into(plan, x);
+      Index wide = 0, narrow = 0;
+      for (Index e = 0; e < d.experts; ++e) (rows_of(plan, e) >= from ? wide : narrow) += rows_of(plan, e) > 0;
+      REQUIRE(wide > 0);  // the batch mixes both paths
+      REQUIRE(narrow > 0);
+      const auto partials_of = [&](grove::quantized_kernels kernels) {
+        row_matrix<float> p(plan.group_row_count(), d.hidden);
+        runner_of(2, level, kernels)->forward_partials(layer.weights(), plan, x, p);
+        return p;
+      };
+      const auto mixed = partials_of(automatic), by_integer = partials_of(integer), by_tiles = partials_of(dequantized);
+      for (Index g = 0; g < d.groups; ++g) {
+        CAPTURE(g);
+        const auto begin = plan.adjugate_offsets[static_cast<std::size_t>(g)];
+        const auto n = plan.adjugate_offsets[static_cast<std::size_t>(g) + 1] - begin;
+        if (n == 0) continue;
+        const auto& want = rows_of(plan, g) >= from ? by_tiles : by_integer;
+        CHECK(same_bits(row_matrix<float>(mixed.middleRows(begin, n)), row_matrix<float>(want.middleRows(begin, n))));
+      }
+    }
+
+    SUBCASE("shards of groups combine to the whole layer's bits (as expert parallelism does)") {
+      const grove::layer_dims d{64, 12, 4, 32, 32};
+      const auto source = grove::layer_parameters<float>::random(d, 25, 0.1);
+      const grove::layer<grove::dynamic_config<q4_block>> layer(grove::dynamic_config<q4_block>(d, 3, 0.2),
+                                                                grove::layer_parameters<q4_block>::from(source.view()),
+                                                                runner_of(1, level, automatic));
+      const auto x = grove_test::random_matrix<float>(31, d.hidden, 26, 1.0);
+      grove::routing_plan<float> plan;
+      layer.route_into(plan, x);
+      Index wide = 0, narrow = 0;
+      for (Index e = 0; e < d.experts; ++e) (rows_of(plan, e) >= from ? wide : narrow) += rows_of(plan, e) > 0;
+      REQUIRE(wide > 0);
+      REQUIRE(narrow > 0);
+      const auto whole = layer.forward(x);
+      CHECK(!same_bits(whole, layer.on(runner_of(1, level, integer)).forward(x)));
+      CHECK(!same_bits(whole, layer.on(runner_of(1, level, dequantized)).forward(x)));
+      for (const auto& shards : {std::vector<std::vector<Index>>{{0}, {1, 2, 3}}, {{0, 1}, {2, 3}}, {{0, 1, 2}, {3}}})
+        CHECK(same_bits(y_from_shards(layer, plan, x, shards), whole));
+    }
+
+    SUBCASE("a batch of few rows per item runs the integer dots; one of many, the dequantized tiles") {
+      const grove::layer_dims d{64, 12, 4, 32, 32};
+      const auto source = grove::layer_parameters<float>::random(d, 27, 0.1);
+      const grove::layer<grove::dynamic_config<q8_block>> layer(grove::dynamic_config<q8_block>(d, 3, 0.2),
+                                                                grove::layer_parameters<q8_block>::from(source.view()),
+                                                                runner_of(1));
+      const auto run = [&](const row_matrix<float>& x, grove::quantized_kernels kernels) {
+        return layer.on(runner_of(1, level, kernels)).forward(x);
+      };
+      const auto few = grove_test::random_matrix<float>(2, d.hidden, 28, 1.0);
+      const auto many = grove_test::random_matrix<float>(200, d.hidden, 29, 1.0);
+      grove::routing_plan<float> plan;
+      layer.route_into(plan, many);
+      for (Index e = 0; e < d.experts; ++e) REQUIRE(rows_of(plan, e) >= from);
+      const auto many_tiles = run(many, dequantized), few_integer = run(few, integer);
+      // The two paths differ (so the comparisons can tell them apart) and stay close.
+      const auto many_integer = run(many, integer);
+      CHECK(!same_bits(many_tiles, many_integer));
+      CHECK((many_tiles - many_integer).norm() < 0.02 * many_integer.norm());
+      CHECK(!same_bits(few_integer, run(few, dequantized)));
+      CHECK(same_bits(run(many, automatic), many_tiles));
+      CHECK(same_bits(run(few, automatic), few_integer));
+      // The default is automatic, and a runner's setting can change between calls.
+      CHECK(grove::cpu_runner().quantized() == automatic);
+      auto runner = runner_of(1, level, integer);
+      runner->set_quantized(dequantized);
+      CHECK(same_bits(layer.on(runner).forward(many), many_tiles));
     }
   }
 

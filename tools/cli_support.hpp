@@ -49,6 +49,7 @@ struct run_options {
   std::string dtype;          ///< the weights in memory: f32, bf16, q8 or q4; empty: the file's own (run_setup::dtype)
   int threads = 0;            ///< 0: every hardware thread
   std::string isa;            ///< empty: the best this machine runs
+  std::string quantized_kernels;  ///< auto, integer or dequantized (q8 and q4 only); empty: auto
 };
 
 struct info_options {
@@ -280,6 +281,9 @@ inline run_setup prepare_run(const run_options& o, const io::checkpoint& weights
                              : std::string(grove::info_of(io::stored_layer_format(weights, o.prefix)).name);
   if (s.config) io::check_hf_config(*s.config, s.dims);
   (void)cli_config(s.dims, s.top_k, s.scale);  // rejects k outside [1, E] and λ < 0 or not finite
+  if (!o.quantized_kernels.empty() && s.dtype != "q8" && s.dtype != "q4")
+    throw grove::error("grove: --quantized-kernels chooses how q8 and q4 weights run, but this layer runs in " + s.dtype +
+                       " (pass --dtype q8 or q4)");
   const double bound = static_cast<double>(s.dims.groups) / static_cast<double>(s.dims.experts);
   if (warn && s.scale > bound * (1.0 + 1e-12))
     std::cerr << "grove: warning: the adjugate scale lambda = " << format_double(s.scale)
@@ -287,11 +291,13 @@ inline run_setup prepare_run(const run_options& o, const io::checkpoint& weights
   return s;
 }
 
-/// The CPU runner of --threads (0: `default_threads`) and --isa; throws if this CPU lacks the --isa.
+/// The CPU runner of --threads (0: `default_threads`), --isa and --quantized-kernels; throws if this CPU lacks the --isa.
 inline std::shared_ptr<grove::cpu_runner> make_runner(const run_options& o, int default_threads = 0) {
   grove::cpu_runner_options options;
   options.threads = o.threads > 0 ? o.threads : default_threads;
   if (!o.isa.empty()) options.isa = grove::simd::parse_isa(o.isa);
+  if (o.quantized_kernels == "integer") options.quantized = grove::quantized_kernels::integer_dots;
+  if (o.quantized_kernels == "dequantized") options.quantized = grove::quantized_kernels::dequantized;
   return std::make_shared<grove::cpu_runner>(options);
 }
 

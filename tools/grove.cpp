@@ -4,6 +4,7 @@
 //   grove run  --weights PATH --prefix PREFIX --input IN.safetensors --output OUT.safetensors
 //              [--top-k K] [--scale LAMBDA] [--config config.json] [--backward]
 //              [--dtype f32|bf16|q8|q4] [--threads N] [--isa scalar|avx2|avx512|avx512_bf16]
+//              [--quantized-kernels auto|integer|dequantized]
 //   grove info --weights PATH --prefix PREFIX [--config config.json] [--ranks P]
 //   grove upcycle --weights PATH --prefix PREFIX --groups G --adjugate-size Ia --out OUT.safetensors [--seed N]
 //   grove quantize --weights PATH [--prefix PREFIX] --dtype q8|q4 --out OUT.safetensors|DIR
@@ -224,6 +225,10 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 4096));
   run_cmd->add_option("--isa", run.isa, "instruction set of the kernels (default: the best this CPU runs)")
       ->check(CLI::IsMember({"scalar", "avx2", "avx512", "avx512_bf16"}));
+  run_cmd->add_option("--quantized-kernels", run.quantized_kernels,
+                      "how q8 and q4 weights run: integer (int8 dots), dequantized (each tile converted to bf16 or "
+                      "fp32), or auto (by rows per expert; the default). docs/quantization.md")
+      ->check(CLI::IsMember({"auto", "integer", "dequantized"}));
 
   info_options info;
   CLI::App* info_cmd = app.add_subcommand("info", "Print a layer's configuration and parameter counts");
@@ -285,6 +290,13 @@ int main(int argc, char** argv) {
 
   try {
     if (run_cmd->parsed()) {
+      if (!run.quantized_kernels.empty() && (run.dtype == "f32" || run.dtype == "bf16")) {
+        if (speaks) {
+          print_error("usage: --quantized-kernels applies to --dtype q8 or q4, not " + run.dtype);
+          std::cerr << "Run 'grove run --help' for the options.\n";
+        }
+        return 2;
+      }
       if (run.backward && !run.dtype.empty() && run.dtype != "f32") {
         if (speaks) {
           print_error("usage: --backward needs --dtype f32 (grove has no backward for " + run.dtype + " weights)");

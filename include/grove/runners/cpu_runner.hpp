@@ -21,6 +21,8 @@ struct cpu_runner_options {
   std::optional<simd::isa> isa;
   /// Tile sizes of the schedule.
   schedule_shape shape{};
+  /// How q8 and q4 weights run: integer dots or dequantized tiles, chosen per batch by default.
+  quantized_kernels quantized = quantized_kernels::automatic;
 };
 
 /// The CPU runner (docs/performance.md): the fused, multi-threaded pass over every routed expert
@@ -36,7 +38,7 @@ struct cpu_runner_options {
 class cpu_runner final : public runner {
  public:
   explicit cpu_runner(const cpu_runner_options& options = {})
-      : engine_(options.threads, options.isa ? *options.isa : simd::best_isa(), options.shape) {}
+      : engine_(options.threads, options.isa ? *options.isa : simd::best_isa(), options.shape, options.quantized) {}
 
   [[nodiscard]] std::string name() const override {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -70,6 +72,15 @@ class cpu_runner final : public runner {
   void set_shape(const schedule_shape& shape) {
     std::lock_guard<std::mutex> lock(mutex_);
     engine_.set_shape(shape);
+  }
+  [[nodiscard]] quantized_kernels quantized() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return engine_.quantized();
+  }
+  /// Chooses how q8 and q4 weights run (docs/quantization.md, "Two paths"); takes effect at the next call.
+  void set_quantized(quantized_kernels kernels) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    engine_.set_quantized(kernels);
   }
   /// Wall-clock seconds of the phases of the last fused pass (for benchmarks and tuning).
   [[nodiscard]] pass_timings last_timings() const {

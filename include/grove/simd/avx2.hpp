@@ -59,6 +59,12 @@ struct batch<float, avx2> {
     std::memcpy(tmp, p, sizeof(std::uint16_t) * static_cast<std::size_t>(n));
     return load_bf16(tmp);
   }
+  /// Eight int8 values as floats (exact).
+  GROVE_AVX2_INLINE static batch load_int8(const std::int8_t* p) {
+    std::int64_t bytes;
+    std::memcpy(&bytes, p, sizeof bytes);
+    return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(bytes)))};
+  }
   GROVE_AVX2_INLINE void store(float* p) const { _mm256_storeu_ps(p, value); }
   GROVE_AVX2_INLINE void store_partial(float* p, int n) const {
     _mm256_maskstore_ps(p, avx2_detail::lane_mask(n), value);

@@ -51,6 +51,10 @@ struct batch<float, avx512> {
   GROVE_AVX512_INLINE static batch load_bf16_partial(const std::uint16_t* p, int n) {
     return {avx512_detail::widen_bf16(_mm256_maskz_loadu_epi16(avx512_detail::lane_mask(n), p))};
   }
+  /// Sixteen int8 values as floats (exact).
+  GROVE_AVX512_INLINE static batch load_int8(const std::int8_t* p) {
+    return {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))))};
+  }
   GROVE_AVX512_INLINE void store(float* p) const { _mm512_storeu_ps(p, value); }
   GROVE_AVX512_INLINE void store_partial(float* p, int n) const {
     _mm512_mask_storeu_ps(p, avx512_detail::lane_mask(n), value);

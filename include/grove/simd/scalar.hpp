@@ -39,6 +39,8 @@ struct batch<float, scalar> {
   static batch load_partial(const float* p, int n) { return {n > 0 ? *p : 0.0f}; }
   static batch load_bf16(const std::uint16_t* p) { return {bf16_bits_to_float(*p)}; }
   static batch load_bf16_partial(const std::uint16_t* p, int n) { return {n > 0 ? bf16_bits_to_float(*p) : 0.0f}; }
+  /// `size` int8 values as floats (exact).
+  static batch load_int8(const std::int8_t* p) { return {static_cast<float>(*p)}; }
   void store(float* p) const { *p = value; }
   void store_partial(float* p, int n) const {
     if (n > 0) *p = value;

@@ -50,8 +50,8 @@ inline index padded_stride(index hidden, index element_bytes) {
 }
 
 /// The fused CPU expert pass (docs/performance.md) behind grove::cpu_runner: one pass over
-/// every routed expert and every activated adjugate of a routing_plan, with fp32 or BF16
-/// weights, and the fused backward on the same schedule.
+/// every routed expert and every activated adjugate of a routing_plan, with fp32, BF16, q8 or q4
+/// weights, and the fused backward (fp32) on the same schedule.
 ///
 /// Per batch it builds an expert_schedule from the plan (items: routed experts and adjugates
 /// alike, group by group; tiles), stages x in a padded buffer (bf16 for vdpbf16ps), then runs two
@@ -66,7 +66,9 @@ inline index padded_stride(index hidden, index element_bytes) {
 /// serialises the calls.
 class cpu_engine {
  public:
-  cpu_engine(int threads, simd::isa level, const schedule_shape& shape) {
+  cpu_engine(int threads, simd::isa level, const schedule_shape& shape,
+             quantized_kernels quantized = quantized_kernels::automatic)
+      : quantized_(quantized) {
     set_shape(shape);
     set_threads(threads);
     set_isa(level);
@@ -74,8 +76,9 @@ class cpu_engine {
 
   /// The forward of `request` with fp32, BF16, q8 or q4 weights (BF16: fp32 accumulation; with
   /// AVX512_BF16 the activations x and h are rounded to bf16 for vdpbf16ps, otherwise the
-  /// weights are widened to fp32; q8 and q4: x and h quantized to int8 per block of 32 for
-  /// integer dots, formats/quantized.hpp).
+  /// weights are widened to fp32; q8 and q4: each item by its rows, x and h quantized to int8
+  /// per block of 32 for integer dots (formats/quantized.hpp) or the item's weights dequantized
+  /// per tile for the bf16 or fp32 kernels, run_block_pass).
   template <class W>
   void forward(const expert_forward<W>& request) {
     const layer_dims& d = request.weights.dims();
@@ -103,7 +106,10 @@ class cpu_engine {
     schedule.build(request.weights, request.plan, shape_);
     // The format's row says which kernels run it at this level (kernels/cpu/format_kernels.hpp).
     cpu_format<W>::with_kernels(*kernels_, [&]<class A, class Wbits, class Hs>() {
-      run_pass<A, Wbits, Hs>(schedule, request.x, request.y, partials, staging<A>(), h_of<Hs>(), gate_out, up_out);
+      if constexpr (is_block_format<W>)
+        run_block_pass<A>(schedule, request.x, request.y, partials, cpu_format<W>::dequantize_from(quantized_));
+      else
+        run_pass<A, Wbits, Hs>(schedule, request.x, request.y, partials, staging<A>(), h_of<Hs>(), gate_out, up_out);
     });
   }
 
@@ -122,6 +128,8 @@ class cpu_engine {
     simd::require_supported(level);
     kernels_ = &kernels_for(level);
   }
+  [[nodiscard]] quantized_kernels quantized() const { return quantized_; }
+  void set_quantized(quantized_kernels kernels) { quantized_ = kernels; }
   [[nodiscard]] const schedule_shape& shape() const { return shape_; }
   void set_shape(const schedule_shape& shape) {
     require(shape.gate_up_rows >= 1 && shape.gate_up_rows <= 64 && shape.gate_up_cols >= 1 &&
@@ -136,7 +144,8 @@ class cpu_engine {
     return x_f32_.bytes() + x_bf16_.bytes() + h_f32_.bytes() + h_bf16_.bytes() + schedule_f32_.bytes() +
            schedule_bf16_.bytes() + schedule_q8_.bytes() + schedule_q4_.bytes() + x_int8_.bytes() +
            x_scales_.bytes() + h_int8_.bytes() + h_scales_.bytes() + gate_.bytes() + up_.bytes() + dg_.bytes() +
-           du_.bytes() + dots_.bytes() + pack_.bytes() + partial_.bytes() + backward_schedule_.bytes() +
+           du_.bytes() + dots_.bytes() + pack_.bytes() + partial_.bytes() + weight_scratch_.bytes() +
+           backward_schedule_.bytes() +
            sizeof(float) * static_cast<std::size_t>(adjugate_dots_.size());
   }
   [[nodiscard]] std::size_t workspace_allocations() const {
@@ -145,7 +154,7 @@ class cpu_engine {
            schedule_q4_.allocations() + x_int8_.allocations() + x_scales_.allocations() + h_int8_.allocations() +
            h_scales_.allocations() + gate_.allocations() + up_.allocations() +
            dg_.allocations() + du_.allocations() + dots_.allocations() + pack_.allocations() + partial_.allocations() +
-           backward_schedule_.allocations();
+           weight_scratch_.allocations() + backward_schedule_.allocations();
   }
 
  private:
@@ -213,9 +222,9 @@ class cpu_engine {
   template <class A, class Wbits, class Hs>
   void run_gate_up(const tile_pass<A, Wbits, Hs>& pass, std::span<const gate_up_tile> tiles) {
     const auto gate_up = kernels_->forward<A, Wbits, Hs>().gate_up;
-    run_tiles(static_cast<index>(tiles.size()), [&](int, index current, index following) {
+    run_tiles(static_cast<index>(tiles.size()), [&](int thread, index current, index following) {
       gate_up(pass, tiles[static_cast<std::size_t>(current)],
-              following >= 0 ? &tiles[static_cast<std::size_t>(following)] : nullptr);
+              following >= 0 ? &tiles[static_cast<std::size_t>(following)] : nullptr, thread);
     });
   }
 
@@ -248,44 +257,17 @@ class cpu_engine {
     using clock = std::chrono::steady_clock;
     const auto start = clock::now();
     timings_ = {};
-    const index T = schedule.tokens();
-    if (T == 0) return;
+    if (schedule.tokens() == 0) return;
     index ldx = 0;
-    const A* staged = nullptr;
-    constexpr bool blocks = std::is_same_v<A, std::int8_t>;
-    const index H = schedule.hidden();
-    index ldx_scales = 0;
-    float* x_scales = nullptr;
-    if constexpr (blocks) {
-      // x quantized per row and block of 32 (int8, with a scale per block).
-      ldx_scales = blocks_per_row(H);
-      ldx = ldx_scales * quant_block_size;
-      std::int8_t* q = x_stage.get(static_cast<std::size_t>(T * ldx));
-      x_scales = x_scales_.get(static_cast<std::size_t>(T * ldx_scales));
-      const float* data = x.data();
-      const index stride = x.outerStride();
-      quantize_rows(T, T * H, [&](index t) { return std::pair<const float*, index>{data + t * stride, H}; }, q, ldx,
-                    x_scales, ldx_scales);
-      staged = q;
-    } else {
-      staged = stage<A>(x, x_stage, ldx);
-    }
+    const A* staged = stage<A>(x, x_stage, ldx);
     Hs* h = h_buffer.get(static_cast<std::size_t>(std::max<index>(schedule.h_elements(), 1)));
 
     static_assert(std::is_same_v<weight_bits_t<W>, Wbits>);
     auto pass = tile_pass_of<A, Wbits, Hs>(schedule, staged, ldx);
-    pass.x_scales = x_scales;
-    pass.ldx_scales = ldx_scales;
     pass.h = h;
-    pass.y = partials ? nullptr : y.data();
-    pass.ldy = y.outerStride();
+    set_outputs(pass, schedule, y, partials);
     pass.gate_out = gate_out;
     pass.up_out = up_out;
-    pass.groups = schedule.groups().data();
-    pass.group_count = static_cast<index>(schedule.groups().size());
-    pass.group_slots = schedule.group_slots();
-    pass.partials = partials ? y.data() : nullptr;
-    pass.ldp = y.outerStride();
     index scratch_per_thread = 0;
     float* scratch = partial_scratch(schedule.max_group_rows(), pass.down_cols, scratch_per_thread);
     const auto down = kernels_->forward<A, Wbits, Hs>().down;
@@ -295,38 +277,169 @@ class cpu_engine {
     // remain unclaimed).
     const auto staged_at = clock::now();
     run_gate_up(pass, schedule.gate_up_tiles());
-    if constexpr (blocks) {
-      // h quantized per schedule row (item by item), for the down tiles' integer dots.
+    const auto gate_up_at = clock::now();
+    run_tiles(schedule.down_tiles(), [&](int thread, index current, index following) {
+      down(pass, current, following, scratch + thread * scratch_per_thread, thread);
+    });
+    record_timings(start, staged_at, gate_up_at, clock::now());
+  }
+
+  /// What every pass over `schedule` writes: y (or the group partials), group by group.
+  template <class Pass, class W>
+  static void set_outputs(Pass& pass, const expert_schedule<W>& schedule, rows_ref<float> y, bool partials) {
+    pass.y = partials ? nullptr : y.data();
+    pass.ldy = y.outerStride();
+    pass.groups = schedule.groups().data();
+    pass.group_count = static_cast<index>(schedule.groups().size());
+    pass.group_slots = schedule.group_slots();
+    pass.partials = partials ? y.data() : nullptr;
+    pass.ldp = y.outerStride();
+  }
+
+  void record_timings(std::chrono::steady_clock::time_point start, std::chrono::steady_clock::time_point staged_at,
+                      std::chrono::steady_clock::time_point gate_up_at, std::chrono::steady_clock::time_point done_at) {
+    timings_.stage = std::chrono::duration<double>(staged_at - start).count();
+    timings_.gate_up = std::chrono::duration<double>(gate_up_at - staged_at).count();
+    timings_.down = std::chrono::duration<double>(done_at - gate_up_at).count();
+  }
+
+  /// The pass of a block format (q8, q4), each gate/up span and each item by its own path
+  /// (format_kernels.hpp, block_format_kernels): the integer dots for fewer than `from_rows`
+  /// rows, the dequantized tiles (operands A: bf16 bits or fp32) from `from_rows` on. Both write
+  /// h in fp32; the down tiles then read it quantized (integer items) or staged as A.
+  template <class A, class Block>
+  void run_block_pass(const expert_schedule<Block>& schedule, const_rows_ref<float> x, rows_ref<float> y,
+                      bool partials, index from_rows) {
+    using clock = std::chrono::steady_clock;
+    const auto start = clock::now();
+    timings_ = {};
+    const index T = schedule.tokens();
+    if (T == 0) return;
+    const index H = schedule.hidden();
+    const auto spans = schedule.gate_up_spans();
+    const auto items = schedule.items();
+    const auto wide = [from_rows](const auto& item) { return item.row_count >= from_rows; };
+    const bool wide_spans = std::any_of(spans.begin(), spans.end(), wide);
+    const bool narrow_spans = !std::all_of(spans.begin(), spans.end(), wide);
+    const bool wide_items = std::any_of(items.begin(), items.end(), wide);
+    const bool narrow_items = !std::all_of(items.begin(), items.end(), wide);
+    float* h = h_f32_.get(static_cast<std::size_t>(std::max<index>(schedule.h_elements(), 1)));
+
+    // The integer dots' pass: x quantized per row and block of 32 (int8, with a scale per block).
+    auto narrow = tile_pass_of<std::int8_t, Block, float>(schedule, nullptr, 0);
+    narrow.h = h;
+    set_outputs(narrow, schedule, y, partials);
+    if (narrow_spans) {
+      narrow.ldx_scales = blocks_per_row(H);
+      narrow.ldx = narrow.ldx_scales * quant_block_size;
+      std::int8_t* q = x_int8_.get(static_cast<std::size_t>(T * narrow.ldx));
+      float* scales = x_scales_.get(static_cast<std::size_t>(T * narrow.ldx_scales));
+      const float* data = x.data();
+      const index stride = x.outerStride();
+      quantize_rows(T, T * H, [&](index t) { return std::pair<const float*, index>{data + t * stride, H}; }, q,
+                    narrow.ldx, scales, narrow.ldx_scales);
+      narrow.x = q;
+      narrow.x_scales = scales;
+    }
+    // The dequantized tiles' pass: x staged as A, each thread's weight scratch.
+    auto deq = tile_pass_of<A, Block, float>(schedule, nullptr, 0);
+    deq.h = h;
+    set_outputs(deq, schedule, y, partials);
+    deq.dequantize_from_rows = from_rows;
+    deq.integer_pass = &narrow;
+    deq.integer_down_item = kernels_->block_down_item<Block>();
+    if (wide_spans) deq.x = stage<A>(x, staging<A>(), deq.ldx);
+    if (wide_spans || wide_items) {
       index widest = 0;
-      for (const auto& item : schedule.items()) widest = std::max(widest, item.inter);
+      for (const auto& item : items) widest = std::max(widest, item.inter);
+      const index elements = std::max(2 * schedule.shape().gate_up_cols * H, deq.down_cols * widest);
+      deq.weight_scratch_stride = (elements * static_cast<index>(sizeof(A)) + 63) / 64 * 64;
+      deq.weight_scratch = weight_scratch_.get(static_cast<std::size_t>(deq.weight_scratch_stride * pool_->size()));
+    }
+    const auto& narrow_kernels = kernels_->forward<std::int8_t, Block, float>();
+    const auto& deq_kernels = kernels_->forward<A, Block, float>();
+    const auto staged_at = clock::now();
+
+    // Gate/up tiles, each by its span's path.
+    const std::span<const gate_up_tile> tiles = schedule.gate_up_tiles();
+    run_tiles(static_cast<index>(tiles.size()), [&](int thread, index current, index following) {
+      const gate_up_tile& tile = tiles[static_cast<std::size_t>(current)];
+      const gate_up_tile* next = following >= 0 ? &tiles[static_cast<std::size_t>(following)] : nullptr;
+      if (wide(spans[static_cast<std::size_t>(tile.item)]))
+        deq_kernels.gate_up(deq, tile, next, thread);
+      else
+        narrow_kernels.gate_up(narrow, tile, next, thread);
+    });
+
+    // h as the down tiles read it: quantized per schedule row for the integer items; staged as
+    // A for the dequantized ones (a copy when A is bf16; h itself when it is fp32).
+    if (narrow_items) {
+      index widest = 0;
+      for (const auto& item : items) widest = std::max(widest, item.inter);
       const index rows = schedule.row_total();
-      pass.ldh_scales = blocks_per_row(widest);
-      pass.ldh_quantized = pass.ldh_scales * quant_block_size;
-      std::int8_t* hq = h_int8_.get(static_cast<std::size_t>(std::max<index>(rows * pass.ldh_quantized, 1)));
-      float* hs = h_scales_.get(static_cast<std::size_t>(std::max<index>(rows * pass.ldh_scales, 1)));
-      const auto& items = schedule.items();
+      narrow.ldh_scales = blocks_per_row(widest);
+      narrow.ldh_quantized = narrow.ldh_scales * quant_block_size;
+      std::int8_t* hq = h_int8_.get(static_cast<std::size_t>(std::max<index>(rows * narrow.ldh_quantized, 1)));
+      float* hs = h_scales_.get(static_cast<std::size_t>(std::max<index>(rows * narrow.ldh_scales, 1)));
       // Schedule row r belongs to the last item whose first_row is at most r (items number their
-      // rows consecutively, in item order).
+      // rows consecutively, in item order); a dequantized item's rows are left out (n = 0).
       quantize_rows(
           rows, schedule.h_elements(),
           [&](index r) {
             const auto after = std::upper_bound(items.begin(), items.end(), r,
                                                 [](index row, const auto& item) { return row < item.first_row; });
             const auto& item = *(after - 1);
-            return std::pair<const float*, index>{h + item.h_offset + (r - item.first_row) * item.inter, item.inter};
+            return std::pair<const float*, index>{h + item.h_offset + (r - item.first_row) * item.inter,
+                                                  wide(item) ? 0 : item.inter};
           },
-          hq, pass.ldh_quantized, hs, pass.ldh_scales);
-      pass.h_quantized = hq;
-      pass.h_scales = hs;
+          hq, narrow.ldh_quantized, hs, narrow.ldh_scales);
+      narrow.h_quantized = hq;
+      narrow.h_scales = hs;
     }
+    if (wide_items) deq.h_staged = stage_h<A>(schedule, h, wide);
     const auto gate_up_at = clock::now();
+
+    index scratch_per_thread = 0;
+    float* scratch = partial_scratch(schedule.max_group_rows(), deq.down_cols, scratch_per_thread);
     run_tiles(schedule.down_tiles(), [&](int thread, index current, index following) {
-      down(pass, current, following, scratch + thread * scratch_per_thread);
+      // Without dequantized items, the integer dots' own down tile (the decode path).
+      if (wide_items)
+        deq_kernels.down(deq, current, following, scratch + thread * scratch_per_thread, thread);
+      else
+        narrow_kernels.down(narrow, current, following, scratch + thread * scratch_per_thread, thread);
     });
-    const auto done_at = clock::now();
-    timings_.stage = std::chrono::duration<double>(staged_at - start).count();
-    timings_.gate_up = std::chrono::duration<double>(gate_up_at - staged_at).count();
-    timings_.down = std::chrono::duration<double>(done_at - gate_up_at).count();
+    record_timings(start, staged_at, gate_up_at, clock::now());
+  }
+
+  /// h of the items `wide` selects, as the dequantized down tiles read it: rounded to bf16 (the
+  /// rounding x gets), or h itself when A is fp32.
+  template <class A, class Block, class Wide>
+  const A* stage_h(const expert_schedule<Block>& schedule, const float* h, const Wide& wide) {
+    if constexpr (std::is_same_v<A, float>) {
+      (void)schedule;
+      (void)wide;
+      return h;
+    } else {
+      std::uint16_t* staged = h_bf16_.get(static_cast<std::size_t>(std::max<index>(schedule.h_elements(), 1)));
+      const auto stage_rows = kernels_->stage<std::uint16_t>();
+      const auto items = schedule.items();
+      const auto n = static_cast<index>(items.size());
+      const auto run = [&](index begin, index end) {
+        for (index i = begin; i < end; ++i) {
+          const auto& item = items[static_cast<std::size_t>(i)];
+          if (wide(item))
+            stage_rows(h + item.h_offset, item.inter, item.inter, 0, item.row_count, staged + item.h_offset, item.inter);
+        }
+      };
+      const int threads = pool_->size();
+      if (schedule.h_elements() < (index(1) << 16) || threads == 1) {
+        run(0, n);
+      } else {
+        auto region = [&](int thread) { run(n * thread / threads, n * (thread + 1) / threads); };
+        pool_->run(region);
+      }
+      return staged;
+    }
   }
 
   template <class W>
@@ -345,8 +458,6 @@ class cpu_engine {
   growing_buffer<A>& staging() {
     if constexpr (std::is_same_v<A, float>)
       return x_f32_;
-    else if constexpr (std::is_same_v<A, std::int8_t>)
-      return x_int8_;
     else
       return x_bf16_;
   }
@@ -374,6 +485,8 @@ class cpu_engine {
   backward_schedule backward_schedule_;
   growing_buffer<float> gate_, up_, dg_, du_, dots_, pack_;
   growing_buffer<float> partial_;  // per-thread group partials of the down and dx tiles
+  growing_buffer<std::byte> weight_scratch_;  // per-thread dequantized weight rows (block formats)
+  quantized_kernels quantized_ = quantized_kernels::automatic;
   row_matrix<float> adjugate_dots_;
 };
 

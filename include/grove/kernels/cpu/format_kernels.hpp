@@ -6,10 +6,20 @@
 // is a new row here and new columns in the kernel table.
 
 #include <cstdint>
+#include <limits>
 
+#include "grove/config/dynamic.hpp"
 #include "grove/formats/format_traits.hpp"
 
 GROVE_BEGIN_NAMESPACE
+
+/// Which kernels the CPU runner runs q8 and q4 weights with (docs/quantization.md, "Two paths").
+enum class quantized_kernels {
+  automatic,     ///< per expert and adjugate: integer dots below 6 rows, dequantized tiles from 6 (the default)
+  integer_dots,  ///< x and h quantized to int8 per block; integer dots with the blocks (every item)
+  dequantized,   ///< each tile's weights dequantized to bf16 (avx512_bf16) or fp32, then those tiles (every item)
+};
+
 namespace detail {
 
 template <class Storage>
@@ -42,24 +52,48 @@ struct cpu_format<bf16> {
   }
 };
 
-/// The block formats: x and h are quantized to int8 per block of 32 for integer dots
-/// (kernels/cpu/detail/quantized_tiles-inl.hpp); h is computed in fp32 first.
-template <>
-struct cpu_format<q8_block> {
-  using weight_bits = q8_block;
+/// The block formats, two paths, chosen item by item (docs/quantization.md, "Two paths").
+/// Integer dots: x and h quantized to int8 per block of 32 (kernels/cpu/detail/
+/// quantized_tiles-inl.hpp). Dequantized tiles: each tile converts its weight rows once and runs
+/// the bf16 kernels (x and h rounded to bf16) where the level has vdpbf16ps, the fp32 ones
+/// elsewhere (dequantized_tiles-inl.hpp). h is fp32 for both. The integer dots cost per row and
+/// block what the conversion costs once per tile, so they win for items with few rows and lose
+/// for items with many. The choice depends on the item's rows alone, which are the same
+/// whichever batch, shard or rank the item runs in (an expert-parallel layer gives the single
+/// process's bits).
+template <class Block>
+struct block_format_kernels {
+  using weight_bits = Block;
+  /// The rows from which `automatic` runs an item (a gate/up span) dequantized: of 5, 6, 7 and
+  /// 8, 5 and 6 were fastest at GroveMoE-Inst's shape, T = 64 and 128, on 1 and 2 threads
+  /// (docs/quantization.md, "Two paths").
+  static constexpr index dequantize_from_rows = 6;
+  /// The rows from which an item runs dequantized under `kernels` (0: every item; none reaches
+  /// the largest index).
+  static constexpr index dequantize_from(quantized_kernels kernels) {
+    switch (kernels) {
+      case quantized_kernels::dequantized: return 0;
+      case quantized_kernels::integer_dots: return std::numeric_limits<index>::max();
+      case quantized_kernels::automatic: break;
+    }
+    return dequantize_from_rows;
+  }
+
+  /// Calls `fn.template operator()<A, Block, float>()` with the dequantized tiles' operands at
+  /// `row`'s level (A: bf16 bits where it has vdpbf16ps, else fp32); the engine runs the integer
+  /// dots' kernels (A = std::int8_t) beside them.
   template <class Row, class Fn>
-  static void with_kernels(const Row&, Fn&& fn) {
-    fn.template operator()<std::int8_t, q8_block, float>();
+  static void with_kernels(const Row& row, Fn&& fn) {
+    if (row.template forward<std::uint16_t, Block, float>().gate_up != nullptr)
+      fn.template operator()<std::uint16_t, Block, float>();
+    else
+      fn.template operator()<float, Block, float>();
   }
 };
 template <>
-struct cpu_format<q4_block> {
-  using weight_bits = q4_block;
-  template <class Row, class Fn>
-  static void with_kernels(const Row&, Fn&& fn) {
-    fn.template operator()<std::int8_t, q4_block, float>();
-  }
-};
+struct cpu_format<q8_block> : block_format_kernels<q8_block> {};
+template <>
+struct cpu_format<q4_block> : block_format_kernels<q4_block> {};
 
 /// fp64 weights have no fused kernels: the CPU runner runs them with the plain loops, the
 /// precision of the finite-difference tests.

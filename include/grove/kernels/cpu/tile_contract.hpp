@@ -4,6 +4,8 @@
 // write. This is the lowest header of the CPU kernels: the kernels include it, the kernel table
 // and the engine include the kernels, so no include runs upwards.
 
+#include <cstddef>
+
 #include "grove/config/dynamic.hpp"
 #include "grove/kernels/cpu/backward_schedule.hpp"
 #include "grove/kernels/cpu/expert_schedule.hpp"
@@ -13,9 +15,9 @@ GROVE_BEGIN_NAMESPACE
 namespace detail {
 
 /// What the forward tile kernels of one batch read and write. A: element of the staged
-/// activations (float, bf16 bits for vdpbf16ps, or int8 for the block formats), W: weight bits
-/// (float, bf16 bits, or a q8/q4 block), Hs: element of h (the SwiGLU outputs, bf16 bits when
-/// the down product uses vdpbf16ps).
+/// activations (float, bf16 bits for vdpbf16ps, or int8 for the block formats' integer dots),
+/// W: weight bits (float, bf16 bits, or a q8/q4 block), Hs: element of h (the SwiGLU outputs,
+/// bf16 bits when the down product uses vdpbf16ps).
 template <class A, class W, class Hs>
 struct tile_pass {
   const expert_item<W>* items;
@@ -46,6 +48,18 @@ struct tile_pass {
   index ldh_quantized = 0;
   const float* h_scales = nullptr;  ///< [row_total, ldh_scales]
   index ldh_scales = 0;
+  // The block formats' dequantized tiles (dequantized_tiles-inl.hpp; A fp32 or bf16 bits, Hs
+  // fp32): each thread's weight rows, at weight_scratch + thread · weight_scratch_stride bytes.
+  std::byte* weight_scratch = nullptr;
+  index weight_scratch_stride = 0;
+  // Their down tiles read h as A (h_staged: h rounded as x is, or h itself when A is fp32) for
+  // the items of at least dequantize_from_rows rows; the other items run the integer dots of
+  // integer_pass (a tile_pass<std::int8_t, W, float>) through integer_down_item.
+  const A* h_staged = nullptr;
+  index dequantize_from_rows = 0;
+  const void* integer_pass = nullptr;
+  void (*integer_down_item)(const void* integer_pass, const expert_item<W>& item, index c_begin, index c_end,
+                            float* partial, const expert_item<W>* next_item, index next_col) = nullptr;
 };
 
 /// What the backward tile kernels read and write; fp32 throughout. Buffers "in the layout of

@@ -407,14 +407,10 @@ void gate_up_panels(const Pass& pass, const detail::expert_item<typename P::w_ty
     for (int r = 0; r < rows; ++r) swiglu_row(g[r], u[r], width, pass.h + at + r * item.inter);
 }
 
-/// One gate/up tile (rows ≤ max_tile_rows, columns ≤ max_tile_cols); `following` (or null) is
-/// the tile the calling thread runs next, whose first panel is prefetched at the end of this one.
-template <class Pass>
-void gate_up_tile(const Pass& pass, const detail::gate_up_tile& tile, const detail::gate_up_tile* following) {
-  using A = std::remove_const_t<std::remove_pointer_t<decltype(pass.x)>>;
-  using W = std::remove_const_t<std::remove_pointer_t<decltype(pass.items->gate)>>;
-  using P = typename operands_for<A, W>::type;
-  const detail::expert_item<W>& item = pass.gate_up_spans[tile.item];
+/// A gate/up tile of `item` with operands P, at the panel width that fits its rows.
+template <class P, class Pass>
+void gate_up_item_tile(const Pass& pass, const detail::expert_item<typename P::w_type>& item,
+                       const detail::gate_up_tile& tile, const detail::gate_up_tile* following) {
   const int rows = tile.row_end - tile.row_begin;
   if (rows >= max_rows)
     gate_up_panels<P, gate_up_cols(max_rows)>(pass, item, tile, following);
@@ -424,6 +420,17 @@ void gate_up_tile(const Pass& pass, const detail::gate_up_tile& tile, const deta
     gate_up_panels<P, gate_up_cols(2)>(pass, item, tile, following);
   else
     gate_up_panels<P, gate_up_cols(1)>(pass, item, tile, following);
+}
+
+/// One gate/up tile (rows ≤ max_tile_rows, columns ≤ max_tile_cols); `following` (or null) is
+/// the tile the calling thread runs next, whose first panel is prefetched at the end of this one.
+/// (`thread`: the calling thread's number, for kernels with per-thread scratch; unused here.)
+template <class Pass>
+void gate_up_tile(const Pass& pass, const detail::gate_up_tile& tile, const detail::gate_up_tile* following, int) {
+  using A = std::remove_const_t<std::remove_pointer_t<decltype(pass.x)>>;
+  using W = std::remove_const_t<std::remove_pointer_t<decltype(pass.items->gate)>>;
+  using P = typename operands_for<A, W>::type;
+  gate_up_item_tile<P>(pass, pass.gate_up_spans[tile.item], tile, following);
 }
 
 /// One row block of a down panel: dot_block, then the weighted scatter-add y[token] += w · out
@@ -599,7 +606,7 @@ struct down_panel_items {
 /// stored as the group's partials. `following` (or -1) is the tile the calling thread runs next
 /// (prefetched at the very end).
 template <class Pass>
-void down_tile(const Pass& pass, index tile, index following, float* partial) {
+void down_tile(const Pass& pass, index tile, index following, float* partial, int) {
   using A = std::remove_const_t<std::remove_pointer_t<decltype(pass.h)>>;
   using W = std::remove_const_t<std::remove_pointer_t<decltype(pass.items->gate)>>;
   using P = typename operands_for<A, W>::type;

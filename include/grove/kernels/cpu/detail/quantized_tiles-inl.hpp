@@ -278,7 +278,7 @@ void gate_up_rows(const Pass& pass, const expert_item<Block>& item, const detail
 }
 
 template <class Pass>
-void gate_up_tile(const Pass& pass, const detail::gate_up_tile& tile, const detail::gate_up_tile* following) {
+void gate_up_tile(const Pass& pass, const detail::gate_up_tile& tile, const detail::gate_up_tile* following, int) {
   using Block = std::remove_const_t<std::remove_pointer_t<decltype(pass.items->gate)>>;
   const expert_item<Block>& item = pass.gate_up_spans[tile.item];
   if (tile.row_end - tile.row_begin >= max_rows)
@@ -358,8 +358,17 @@ struct down_row_items {
 /// the fp32 tile (down_tile_in_groups, expert_tiles-inl.hpp): the group's items' integer dots
 /// summed into `partial` (from +0), then added to y or stored as the partials.
 template <class Pass>
-void down_tile(const Pass& pass, index tile, index following, float* partial) {
+void down_tile(const Pass& pass, index tile, index following, float* partial, int) {
   down_tile_in_groups(pass, tile, following, partial, dot_cols(1), down_row_items{});
+}
+
+/// One item of a down tile by the integer dots, for a down tile that mixes the two paths
+/// (dequantized_tiles-inl.hpp): `pass` is this item's tile_pass<std::int8_t, Block, float>.
+template <class Pass>
+void down_item(const void* pass, const std::remove_const_t<std::remove_pointer_t<decltype(Pass::items)>>& item,
+               index c_begin, index c_end, float* partial,
+               const std::remove_const_t<std::remove_pointer_t<decltype(Pass::items)>>* next_item, index next_col) {
+  down_row_items{}(*static_cast<const Pass*>(pass), item, c_begin, c_end, partial, next_item, next_col);
 }
 
 /// Dots of `rows` activation rows with `cols` weight rows (out [rows, cols], row-major): the
