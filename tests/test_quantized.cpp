@@ -15,6 +15,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -33,19 +34,53 @@ float half_to_float(std::uint16_t h) {
   return static_cast<float>(sign ? -magnitude : magnitude);
 }
 
-/// This file's reading of the documented dot (formats/quantized.hpp): per block, 8 lanes of 4
-/// consecutive products summed exactly; each lane fma'd with a·d in block order; a fixed sum.
+/// This file's reading of the documented dot (formats/quantized.hpp): per block, the 32 products
+/// summed exactly; fma'd with a·d in block order.
 float documented_dot(const std::int8_t* q, const float* a, const std::vector<std::int8_t>& w_values,
                      const std::vector<float>& w_scales) {
-  float lane[8] = {};
+  float acc = 0.0f;
   const auto blocks = static_cast<Index>(w_scales.size());
-  for (Index b = 0; b < blocks; ++b)
-    for (int j = 0; j < 8; ++j) {
-      long p = 0;
-      for (int i = 0; i < 4; ++i) p += long(q[b * 32 + 4 * j + i]) * long(w_values[static_cast<std::size_t>(b * 32 + 4 * j + i)]);
-      lane[j] = std::fma(a[b] * w_scales[static_cast<std::size_t>(b)], float(p), lane[j]);
-    }
-  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+  for (Index b = 0; b < blocks; ++b) {
+    long p = 0;
+    for (int i = 0; i < 32; ++i) p += long(q[b * 32 + i]) * long(w_values[static_cast<std::size_t>(b * 32 + i)]);
+    acc = std::fma(a[b] * w_scales[static_cast<std::size_t>(b)], float(p), acc);
+  }
+  return acc;
+}
+
+/// A matrix of `rows` rows of `blocks` blocks in memory (panels of 16 rows) back in ggml's row
+/// layout, as this file reads the documented panel layout: block b of a panel of n rows is n
+/// scales and chunk c (values 4c..4c+3) of every row; q8 bytes hold q + 128; blocks go in pairs
+/// (the two blocks' scales, then their values), a last odd block alone.
+template <class Block>
+std::vector<Block> rows_of(const Block* panels, Index rows, Index blocks) {
+  std::vector<Block> out(static_cast<std::size_t>(rows * blocks));
+  const auto* bytes = reinterpret_cast<const unsigned char*>(panels);
+  constexpr bool q8 = std::is_same_v<Block, q8_block>;
+  constexpr int chunks = q8 ? 8 : 4;
+  for (Index first = 0; first < rows; first += 16) {
+    const Index n = std::min<Index>(16, rows - first);
+    const unsigned char* panel = bytes + first * blocks * Index(sizeof(Block));
+    for (Index lane = 0; lane < n; ++lane)
+      for (Index b = 0; b < blocks; ++b) {
+        const Index unit = n * Index(sizeof(Block)), pair = b / 2 * 2, second = b - pair;
+        const bool paired = pair + 1 < blocks;
+        const unsigned char* scales = panel + pair * unit + (paired ? second * 2 * n : 0);
+        const unsigned char* values =
+            panel + pair * unit + (paired ? 4 * n + second * (unit - 2 * n) : 2 * n);
+        Block& block = out[static_cast<std::size_t>((first + lane) * blocks + b)];
+        block.scale = static_cast<std::uint16_t>(scales[2 * lane] | (scales[2 * lane + 1] << 8));
+        for (int c = 0; c < chunks; ++c)
+          for (int i = 0; i < 4; ++i) {
+            const unsigned char v = values[4 * (n * c + lane) + i];
+            if constexpr (q8)
+              block.q[4 * c + i] = static_cast<std::int8_t>(int(v) - 128);
+            else
+              block.q[4 * c + i] = v;
+          }
+      }
+  }
+  return out;
 }
 
 /// A block row's values and scales, read field by field (q4: byte j holds values j and j + 16).
@@ -81,12 +116,15 @@ std::vector<grove::simd::isa> levels() {
 
 /// A runner of `threads` threads at `level`; the integer dots unless `kernels` says otherwise
 /// (the tests of the integer arithmetic use batches big enough for `automatic` to dequantize).
+/// `from_rows`: automatic's threshold (0: the format's).
 std::shared_ptr<grove::cpu_runner> runner_of(int threads, grove::simd::isa level = grove::simd::best_isa(),
-                                             grove::quantized_kernels kernels = grove::quantized_kernels::integer_dots) {
+                                             grove::quantized_kernels kernels = grove::quantized_kernels::integer_dots,
+                                             Index from_rows = 0) {
   grove::cpu_runner_options o;
   o.threads = threads;
   o.isa = level;
   o.quantized = kernels;
+  o.dequantize_from_rows = from_rows;
   return std::make_shared<grove::cpu_runner>(o);
 }
 
@@ -118,8 +156,11 @@ row_matrix<float> y_from_shards(const Layer& layer, const grove::routing_plan<fl
 template <class Block>
 grove::layer_parameters<float> dequantized_layer(const grove::layer_parameters<Block>& q,
                                                  const grove::layer_parameters<float>& source) {
-  std::vector<std::pair<std::string, const Block*>> blocks;
-  q.view().for_each_tensor([&](const grove::tensor_info& info, const Block* const& p) { blocks.emplace_back(info.name, p); });
+  std::vector<std::pair<std::string, std::vector<Block>>> blocks;
+  q.view().for_each_tensor([&](const grove::tensor_info& info, const Block* const& p) {
+    if (p != nullptr && info.role != grove::tensor_role::selection_bias)
+      blocks.emplace_back(info.name, rows_of(p, info.rows, (info.cols + 31) / 32));
+  });
   grove::layer_parameters<float> out(source);
   std::vector<std::int8_t> values;
   std::vector<float> scales;
@@ -129,7 +170,7 @@ grove::layer_parameters<float> dequantized_layer(const grove::layer_parameters<B
     REQUIRE(it != blocks.end());
     const Index per_row = (info.cols + 31) / 32;
     for (Index r = 0; r < info.rows; ++r) {
-      unpack(it->second + r * per_row, per_row, values, scales);
+      unpack(it->second.data() + r * per_row, per_row, values, scales);
       for (Index c = 0; c < info.cols; ++c)
         p[r * info.cols + c] = float(values[static_cast<std::size_t>(c)]) * scales[static_cast<std::size_t>(c / 32)];
     }
@@ -216,9 +257,10 @@ TEST_SUITE("quantized") {
   }
 
   TEST_CASE("the integer dots of every level equal the documented order, bit for bit") {
-    for (const Index K : {Index(32), Index(64), Index(100), Index(2048)}) {
+    for (const Index K : {Index(32), Index(64), Index(96), Index(100), Index(2048)}) {
       CAPTURE(K);
-      const Index blocks = grove::blocks_per_row(K), rows = 3, cols = 5;
+      // 21 weight rows: a whole panel of 16 and a last panel of 5.
+      const Index blocks = grove::blocks_per_row(K), rows = 3, cols = 21;
       const auto x = grove_test::random_matrix<float>(rows, K, 1 + K, 1.0);
       const auto w = grove_test::random_matrix<float>(cols, K, 2 + K, 0.05);
       std::vector<std::int8_t> q(static_cast<std::size_t>(rows * blocks * 32));
@@ -246,13 +288,23 @@ TEST_SUITE("quantized") {
           CHECK(grove::quantized_dot(q.data() + r * blocks * 32, scales.data() + r * blocks, w8.data() + c * blocks,
                                      blocks) == want8[static_cast<std::size_t>(r * cols + c)]);
         }
+      // The kernels read panels; this file's own reading of them gives the rows back.
+      std::vector<q8_block> p8(w8.size());
+      std::vector<q4_block> p4(w4.size());
+      grove::rows_to_panels(w8.data(), cols, blocks, p8.data());
+      grove::rows_to_panels(w4.data(), cols, blocks, p4.data());
+      CHECK(std::memcmp(rows_of(p8.data(), cols, blocks).data(), w8.data(), w8.size() * sizeof(q8_block)) == 0);
+      CHECK(std::memcmp(rows_of(p4.data(), cols, blocks).data(), w4.data(), w4.size() * sizeof(q4_block)) == 0);
+      std::vector<q8_block> back8(w8.size());
+      grove::panels_to_rows(p8.data(), cols, blocks, back8.data());
+      CHECK(std::memcmp(back8.data(), w8.data(), w8.size() * sizeof(q8_block)) == 0);
       for (const auto level : levels()) {
         CAPTURE(grove::simd::isa_name(level));
         const auto& kernels = grove::detail::kernels_for(level);
         std::vector<float> got(want8.size());
-        kernels.q8_dots(q.data(), scales.data(), rows, w8.data(), cols, blocks, got.data());
+        kernels.q8_dots(q.data(), scales.data(), rows, p8.data(), cols, blocks, got.data());
         CHECK(std::memcmp(got.data(), want8.data(), got.size() * sizeof(float)) == 0);
-        kernels.q4_dots(q.data(), scales.data(), rows, w4.data(), cols, blocks, got.data());
+        kernels.q4_dots(q.data(), scales.data(), rows, p4.data(), cols, blocks, got.data());
         CHECK(std::memcmp(got.data(), want4.data(), got.size() * sizeof(float)) == 0);
       }
     }
@@ -310,12 +362,15 @@ TEST_SUITE("quantized") {
   }
 
   TEST_CASE("dequantized tiles give the bits of the fp32 (or bf16) layer of the dequantized weights") {
-    // H = 100 and I = 40, Ia = 20: rows end in padded blocks, which the tiles leave out. At
-    // avx512_bf16 the tiles round the weights to bf16 and run the bf16 kernels; elsewhere fp32.
-    const grove::layer_dims d{100, 12, 4, 40, 20};
+    // H = 100 and I = 40, Ia = 20: rows end in padded blocks, which the tiles leave out, and
+    // matrices end in panels of fewer than 16 rows. H = 64, I = 64, Ia = 32: whole blocks and
+    // whole panels (converted 16 rows at a time at AVX-512). At avx512_bf16 the tiles round the
+    // weights to bf16 and run the bf16 kernels; elsewhere fp32.
+    const auto dequantized = grove::quantized_kernels::dequantized;
+    for (const grove::layer_dims d : {grove::layer_dims{100, 12, 4, 40, 20}, grove::layer_dims{64, 12, 4, 64, 32}}) {
+    CAPTURE(d.hidden);
     const auto source = grove::layer_parameters<float>::random(d, 21, 0.1);
     const auto x = grove_test::random_matrix<float>(37, d.hidden, 22, 1.0);
-    const auto dequantized = grove::quantized_kernels::dequantized;
     const auto check = [&]<class Block>() {
       const auto q = grove::layer_parameters<Block>::from(source.view());
       const auto f32 = dequantized_layer(q, source);
@@ -356,13 +411,18 @@ TEST_SUITE("quantized") {
     };
     check.template operator()<q8_block>();
     check.template operator()<q4_block>();
+    }
   }
 
   TEST_CASE("automatic kernels: each expert and adjugate by its own rows, in any batch or shard") {
     const auto level = grove::simd::best_isa();
     const auto integer = grove::quantized_kernels::integer_dots, dequantized = grove::quantized_kernels::dequantized,
                automatic = grove::quantized_kernels::automatic;
-    const Index from = grove::detail::cpu_format<q8_block>::dequantize_from_rows;
+    // The format's threshold is "never" (the integer dots were faster at every measured shape):
+    // a runner's own threshold mixes the paths.
+    CHECK(grove::detail::cpu_format<q8_block>::dequantize_from(automatic) ==
+          grove::detail::cpu_format<q8_block>::dequantize_from(integer));
+    const Index from = 6;
     const auto rows_of = [](const grove::routing_plan<float>& plan, Index e) {
       return static_cast<Index>(plan.rows_of_expert(e).size());
     };
@@ -383,7 +443,7 @@ TEST_SUITE("quantized") {
       REQUIRE(narrow > 0);
       const auto partials_of = [&](grove::quantized_kernels kernels) {
         row_matrix<float> p(plan.group_row_count(), d.hidden);
-        runner_of(2, level, kernels)->forward_partials(layer.weights(), plan, x, p);
+        runner_of(2, level, kernels, from)->forward_partials(layer.weights(), plan, x, p);
         return p;
       };
       const auto mixed = partials_of(automatic), by_integer = partials_of(integer), by_tiles = partials_of(dequantized);
@@ -402,7 +462,7 @@ TEST_SUITE("quantized") {
       const auto source = grove::layer_parameters<float>::random(d, 25, 0.1);
       const grove::layer<grove::dynamic_config<q4_block>> layer(grove::dynamic_config<q4_block>(d, 3, 0.2),
                                                                 grove::layer_parameters<q4_block>::from(source.view()),
-                                                                runner_of(1, level, automatic));
+                                                                runner_of(1, level, automatic, from));
       const auto x = grove_test::random_matrix<float>(31, d.hidden, 26, 1.0);
       grove::routing_plan<float> plan;
       layer.route_into(plan, x);
@@ -424,7 +484,7 @@ TEST_SUITE("quantized") {
                                                                 grove::layer_parameters<q8_block>::from(source.view()),
                                                                 runner_of(1));
       const auto run = [&](const row_matrix<float>& x, grove::quantized_kernels kernels) {
-        return layer.on(runner_of(1, level, kernels)).forward(x);
+        return layer.on(runner_of(1, level, kernels, from)).forward(x);
       };
       const auto few = grove_test::random_matrix<float>(2, d.hidden, 28, 1.0);
       const auto many = grove_test::random_matrix<float>(200, d.hidden, 29, 1.0);
@@ -439,6 +499,8 @@ TEST_SUITE("quantized") {
       CHECK(!same_bits(few_integer, run(few, dequantized)));
       CHECK(same_bits(run(many, automatic), many_tiles));
       CHECK(same_bits(run(few, automatic), few_integer));
+      // With the format's own threshold, automatic runs the integer dots for every item.
+      CHECK(same_bits(layer.on(runner_of(1, level, automatic)).forward(many), many_integer));
       // The default is automatic, and a runner's setting can change between calls.
       CHECK(grove::cpu_runner().quantized() == automatic);
       auto runner = runner_of(1, level, integer);
@@ -458,7 +520,9 @@ TEST_SUITE("quantized") {
     const auto got = layer.forward(x, {.routing = true});
     const auto deq = [&](const q8_block* p, Index rows, Index cols) {
       std::vector<float> m(static_cast<std::size_t>(rows * cols));
-      for (Index r = 0; r < rows; ++r) grove::dequantize_row(p + r * grove::blocks_per_row(cols), cols, m.data() + r * cols);
+      const auto row_blocks = rows_of(p, rows, grove::blocks_per_row(cols));
+      for (Index r = 0; r < rows; ++r)
+        grove::dequantize_row(row_blocks.data() + r * grove::blocks_per_row(cols), cols, m.data() + r * cols);
       return m;
     };
     const auto quantized = [](const float* v, Index n) {

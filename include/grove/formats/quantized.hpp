@@ -5,6 +5,14 @@
 // layout of ggml's Q8_0 and Q4_0, so such weights convert without loss in either direction.
 // When `in` is not a multiple of 32, a row's last block is padded with zeros.
 //
+// In memory, a matrix's rows are repacked at load into *panels* of 16 rows (rows_to_panels), so
+// that one 512-bit integer dot serves 16 rows: a panel's block b holds its rows' 16 scales side
+// by side, and their values in chunks of 4, chunk c holding values 4c..4c+3 of every row (q8
+// stored + 128, as unsigned bytes; q4 as ggml's bytes, byte j holding value j low and j + 16
+// high); blocks go in pairs so that the chunks start cache lines (panel_block_offsets). A panel
+// takes the bytes its rows take as blocks, so offsets and sizes are unchanged; files keep
+// ggml's row layout (panels_to_rows).
+//
 // This header is the arithmetic's definition, in plain scalar code; the kernels of every
 // instruction-set level (kernels/cpu/detail/quantized_tiles-inl.hpp) compute the same bits, and
 // the tests hold them to it.
@@ -14,10 +22,9 @@
 //                    q = min(15, trunc(x / d + 8.5)) in [0, 15], value d · (q − 8)
 //   activations  each row of x and of h is quantized per block of 32 for the integer dots:
 //                a = amax / 127, q = nearest-even(x · (127 / amax)) in [-127, 127] (0 when amax is 0)
-//   dot          per block b, the 32 products split into 8 lanes of 4 consecutive values; each
-//                lane's 4 products sum exactly in int32, p_j; the lane accumulates
-//                acc_j = fma(a_b · d_b, float(p_j), acc_j) over the blocks in ascending order,
-//                from +0; then ((acc0 + acc1) + (acc2 + acc3)) + ((acc4 + acc5) + (acc6 + acc7)).
+//   dot          per block b, the 32 products sum exactly in int32, p_b (|p_b| < 2^20, so
+//                float(p_b) is exact); acc = fma(a_b · d_b, float(p_b), acc) over the blocks in
+//                ascending order, from +0; the dot is acc.
 // The order does not depend on the instruction set, so a dot has the same bits at every level.
 
 #include <algorithm>
@@ -148,18 +155,132 @@ inline void quantize_activations(const float* x, index n, std::int8_t* q, float*
 /// long, in the documented order: the reference every level's kernels equal bit for bit.
 template <class Block>
 float quantized_dot(const std::int8_t* q, const float* scale, const Block* weights, index blocks) {
-  float acc[8] = {};
+  float acc = 0.0f;
   std::int8_t w[quant_block_size];
   for (index b = 0; b < blocks; ++b) {
     block_values(weights[b], w);
-    const float d = scale[b] * f16_bits_to_float(weights[b].scale);
-    for (int j = 0; j < 8; ++j) {
-      std::int32_t p = 0;
-      for (int i = 4 * j; i < 4 * j + 4; ++i) p += static_cast<std::int32_t>(q[b * quant_block_size + i]) * w[i];
-      acc[j] = std::fma(d, static_cast<float>(p), acc[j]);
+    std::int32_t p = 0;
+    for (index i = 0; i < quant_block_size; ++i) p += static_cast<std::int32_t>(q[b * quant_block_size + i]) * w[i];
+    acc = std::fma(scale[b] * f16_bits_to_float(weights[b].scale), static_cast<float>(p), acc);
+  }
+  return acc;
+}
+
+/// Σ of each block's 32 activation values (the kernels take out the weights' offset with it:
+/// 128 for q8's stored bytes, 8 for q4's nibbles).
+inline void activation_block_sums(const std::int8_t* q, index blocks, std::int32_t* sums) {
+  for (index b = 0; b < blocks; ++b) {
+    std::int32_t s = 0;
+    for (index i = 0; i < quant_block_size; ++i) s += q[b * quant_block_size + i];
+    sums[b] = s;
+  }
+}
+
+// ---- Panels: the layout in memory -------------------------------------------------------------
+
+/// Rows per panel.
+inline constexpr index quant_panel_rows = 16;
+
+namespace detail {
+/// The panel layout's parameters of a block type: chunks of 4 bytes per row and block; what a
+/// panel adds to a block's byte (q8: q + 128, an unsigned byte for vpdpbusd; q4: nothing); and
+/// the offset of the unsigned values the kernels multiply (q8's q + 128, q4's nibble = value + 8),
+/// taken out after each block's products with the activations' block sum.
+template <class Block>
+struct panel_traits;
+template <>
+struct panel_traits<q8_block> {
+  static constexpr int chunks = 8;
+  static constexpr int byte_offset = 128;
+  static constexpr int value_offset = 128;
+};
+template <>
+struct panel_traits<q4_block> {
+  static constexpr int chunks = 4;
+  static constexpr int byte_offset = 0;
+  static constexpr int value_offset = 8;
+};
+
+/// Where row `row` of a matrix of `rows` rows lies: its panel's first unit, its panel's rows
+/// (16, or fewer in the last panel) and its lane in the panel.
+struct panel_place {
+  index first_unit;
+  int rows;
+  int lane;
+};
+[[nodiscard]] constexpr panel_place place_of_row(index row, index rows, index blocks) {
+  const index first = row / quant_panel_rows * quant_panel_rows;
+  return {first * blocks, static_cast<int>(std::min(quant_panel_rows, rows - first)), static_cast<int>(row - first)};
+}
+
+}  // namespace detail
+
+/// Where block b of a panel of `rows` rows and `blocks` blocks lies, in bytes from the panel's
+/// start: its rows' scales, then its values. Blocks go in pairs (scales of 2j, scales of 2j + 1,
+/// values of 2j, values of 2j + 1; a last odd block alone), so that in a panel of 16 rows every
+/// 64-byte chunk of values starts a cache line when the panel does.
+struct block_offsets {
+  index scales;
+  index values;
+};
+template <class Block>
+[[nodiscard]] constexpr block_offsets panel_block_offsets(index b, int rows, index blocks) {
+  const index unit = rows * static_cast<index>(sizeof(Block)), scales = 2 * index(rows), values = unit - scales;
+  const index first = b - b % 2;
+  if (first + 1 < blocks) {
+    const index second = b - first;
+    return {first * unit + second * scales, first * unit + 2 * scales + second * values};
+  }
+  return {b * unit, b * unit + scales};
+}
+
+namespace detail {
+/// Block b of lane `lane` of a panel of `rows` rows of `blocks` blocks, as a block in ggml's layout.
+template <class Block>
+Block block_of_panel(const Block* panel, int rows, index blocks, int lane, index b) {
+  const auto* bytes = reinterpret_cast<const std::uint8_t*>(panel);
+  const block_offsets at = panel_block_offsets<Block>(b, rows, blocks);
+  Block block;
+  std::memcpy(&block.scale, bytes + at.scales + 2 * lane, 2);
+  for (int c = 0; c < panel_traits<Block>::chunks; ++c)
+    for (int i = 0; i < 4; ++i)
+      block.q[4 * c + i] = static_cast<std::remove_reference_t<decltype(block.q[0])>>(static_cast<std::uint8_t>(
+          bytes[at.values + 4 * (rows * c + lane) + i] - panel_traits<Block>::byte_offset));
+  return block;
+}
+}  // namespace detail
+
+/// `count` rows of `blocks` blocks in ggml's row layout → the panel layout (out of place; the
+/// same number of units).
+template <class Block>
+void rows_to_panels(const Block* rows, index count, index blocks, Block* panels) {
+  for (index first = 0; first < count; first += quant_panel_rows) {
+    const int n = static_cast<int>(std::min(quant_panel_rows, count - first));
+    auto* panel = reinterpret_cast<std::uint8_t*>(panels + first * blocks);
+    for (index b = 0; b < blocks; ++b) {
+      const block_offsets at = panel_block_offsets<Block>(b, n, blocks);
+      for (int lane = 0; lane < n; ++lane) {
+        const Block& block = rows[(first + lane) * blocks + b];
+        std::memcpy(panel + at.scales + 2 * lane, &block.scale, 2);
+        for (int c = 0; c < detail::panel_traits<Block>::chunks; ++c)
+          for (int i = 0; i < 4; ++i)
+            panel[at.values + 4 * (n * c + lane) + i] =
+                static_cast<std::uint8_t>(static_cast<std::uint8_t>(block.q[4 * c + i]) +
+                                          detail::panel_traits<Block>::byte_offset);
+      }
     }
   }
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+/// The panel layout → `count` rows in ggml's row layout (out of place).
+template <class Block>
+void panels_to_rows(const Block* panels, index count, index blocks, Block* rows) {
+  for (index first = 0; first < count; first += quant_panel_rows) {
+    const int n = static_cast<int>(std::min(quant_panel_rows, count - first));
+    for (int lane = 0; lane < n; ++lane)
+      for (index b = 0; b < blocks; ++b)
+        rows[(first + lane) * blocks + b] = detail::block_of_panel(panels + first * blocks, n, blocks, lane, b);
+  }
 }
 
 GROVE_END_NAMESPACE

@@ -289,12 +289,17 @@ void read_layer_tensors(const checkpoint& ckpt, std::string_view prefix, const w
 template <weight_storage Storage>
 void quantize_layer_tensors(const checkpoint& ckpt, std::string_view prefix, layer_parameters<Storage>& into) {
   std::vector<float> values;
+  std::vector<Storage> rows_of_blocks;  // one tensor in ggml's row layout, before its panels
   into.span().for_each_tensor([&](const tensor_info& info, Storage* const& data) {
     if (data == nullptr || info.role == tensor_role::selection_bias) return;
     const std::string name = tensor_name(prefix, info.name);
+    const index units = units_per_row<Storage>(info.cols);
+    rows_of_blocks.resize(static_cast<std::size_t>(info.rows * units));
     if (info.role != tensor_role::router && stored_format(ckpt, name) == format_of<Storage>) {
-      // Stored in this very format: the blocks as they are, no second quantization.
-      read_quantized_blocks(ckpt, name, info.rows, info.cols, data);
+      // Stored in this very format: the blocks as they are, no second quantization; repacked
+      // into panels (formats/quantized.hpp), exactly.
+      read_quantized_blocks(ckpt, name, info.rows, info.cols, rows_of_blocks.data());
+      rows_to_panels(rows_of_blocks.data(), info.rows, units, data);
       return;
     }
     values.resize(static_cast<std::size_t>(info.size()));
@@ -306,8 +311,9 @@ void quantize_layer_tensors(const checkpoint& ckpt, std::string_view prefix, lay
       throw error(std::string(e.what()) + detail::layer_context(ckpt, prefix));
     }
     if (info.role == tensor_role::router) std::copy(values.begin(), values.end(), into.routing_router().begin());
-    const index units = units_per_row<Storage>(info.cols);
-    for (index r = 0; r < info.rows; ++r) encode_row(values.data() + r * info.cols, info.cols, data + r * units);
+    for (index r = 0; r < info.rows; ++r)
+      encode_row(values.data() + r * info.cols, info.cols, rows_of_blocks.data() + r * units);
+    rows_to_panels(rows_of_blocks.data(), info.rows, units, data);
   });
 }
 
@@ -379,9 +385,14 @@ void add_quantized_layer(safetensors_writer& writer, const layer_parameters<Bloc
   const layer_dims& d = parameters.dims();
   writer.add(tensor_name(prefix, "gate.weight"), tensor_shape{d.experts, d.hidden},
              std::span<const float>(routing.router().data(), static_cast<std::size_t>(d.experts * d.hidden)), dtype::f32);
+  std::vector<Block> rows_of_blocks;
   view.for_each_tensor([&](const tensor_info& info, const Block* const& data) {
     if (info.role == tensor_role::router || info.role == tensor_role::selection_bias || data == nullptr) return;
-    add_quantized_tensor(writer, tensor_name(prefix, info.name), data, info.rows, info.cols);
+    // Files keep ggml's row layout; memory holds panels (formats/quantized.hpp).
+    const index units = units_per_row<Block>(info.cols);
+    rows_of_blocks.resize(static_cast<std::size_t>(info.rows * units));
+    panels_to_rows(data, info.rows, units, rows_of_blocks.data());
+    add_quantized_tensor(writer, tensor_name(prefix, info.name), rows_of_blocks.data(), info.rows, info.cols);
   });
   writer.add(tensor_name(prefix, "expert_bias"), tensor_shape{d.experts},
              std::span<const float>(parameters.bias().data(), parameters.bias().size()), dtype::f32);

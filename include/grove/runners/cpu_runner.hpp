@@ -21,8 +21,13 @@ struct cpu_runner_options {
   std::optional<simd::isa> isa;
   /// Tile sizes of the schedule.
   schedule_shape shape{};
-  /// How q8 and q4 weights run: integer dots or dequantized tiles, chosen per batch by default.
+  /// How q8 and q4 weights run: integer dots or dequantized tiles, chosen per expert and
+  /// adjugate by its rows by default (docs/quantization.md, "Two paths").
   quantized_kernels quantized = quantized_kernels::automatic;
+  /// Under `automatic`, the rows from which an expert or adjugate runs dequantized; 0: the
+  /// format's own (none: the integer dots were faster at every shape measured; another CPU may
+  /// differ).
+  index dequantize_from_rows = 0;
 };
 
 /// The CPU runner (docs/performance.md): the fused, multi-threaded pass over every routed expert
@@ -38,7 +43,8 @@ struct cpu_runner_options {
 class cpu_runner final : public runner {
  public:
   explicit cpu_runner(const cpu_runner_options& options = {})
-      : engine_(options.threads, options.isa ? *options.isa : simd::best_isa(), options.shape, options.quantized) {}
+      : engine_(options.threads, options.isa ? *options.isa : simd::best_isa(), options.shape, options.quantized,
+                options.dequantize_from_rows) {}
 
   [[nodiscard]] std::string name() const override {
     std::lock_guard<std::mutex> lock(mutex_);

@@ -31,6 +31,7 @@ template <class T>
 void check_finite(const layer_weights<T>& weights) {
   using storage = std::remove_const_t<T>;
   std::vector<float> row;
+  std::vector<storage> rows_of_blocks;  // a block format's tensor, from its panels (formats/quantized.hpp)
   weights.for_each_tensor([&](const tensor_info& info, T* const& p) {
     if (p == nullptr) return;
     if constexpr (is_block_format<storage>) {
@@ -38,8 +39,10 @@ void check_finite(const layer_weights<T>& weights) {
       // when its scale is not).
       row.resize(static_cast<std::size_t>(info.cols));
       const index units = units_per_row<storage>(info.cols);
+      rows_of_blocks.resize(static_cast<std::size_t>(info.rows * units));
+      panels_to_rows(p, info.rows, units, rows_of_blocks.data());
       for (index r = 0; r < info.rows; ++r) {
-        decode_row(p + r * units, info.cols, row.data());
+        decode_row(rows_of_blocks.data() + r * units, info.cols, row.data());
         detail::require_finite(info, row.data(), info.cols, r * info.cols);
       }
     } else {

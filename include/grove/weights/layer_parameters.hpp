@@ -35,7 +35,8 @@ GROVE_BEGIN_NAMESPACE
 ///
 ///   auto mine = grove::layer_parameters<float>::shard(dims, placement.groups_of(rank));
 ///
-/// A block format (q8, q4) keeps each tensor row as blocks of 32 values (formats/quantized.hpp).
+/// A block format (q8, q4) keeps each tensor row as blocks of 32 values, in panels of 16 rows
+/// (formats/quantized.hpp, "Panels"; panels_to_rows gives ggml's row layout back).
 /// It is made from weights of another format (from(), io::load_layer), never trained, and
 /// routes with an fp32 router copied from that source before quantizing: the picks are the
 /// source's, bit for bit.
@@ -100,6 +101,7 @@ class layer_parameters {
                                                          : shard(weights.dims(), weights.held_groups());
     std::size_t at = 0;
     std::vector<float> row;
+    std::vector<Storage> rows_of_blocks;  // a block format's tensor in row layout, before its panels
     weights.for_each_tensor([&](const tensor_info& info, const From* const& p) {
       if (info.role == tensor_role::selection_bias) {
         if (p != nullptr) widen(p, static_cast<std::size_t>(info.rows), out.bias_.data());
@@ -107,14 +109,17 @@ class layer_parameters {
       }
       if (!out.holds(info)) return;
       if constexpr (is_block_format<Storage>) {
+        // Quantized row by row in ggml's layout, then repacked into panels (formats/quantized.hpp).
         const index units = units_per_row<Storage>(info.cols);
         row.resize(static_cast<std::size_t>(info.cols));
+        rows_of_blocks.resize(static_cast<std::size_t>(info.rows * units));
         for (index r = 0; r < info.rows; ++r) {
           decode_row(p + r * info.cols, info.cols, row.data());
-          encode_row(row.data(), info.cols, out.values_.data() + at + static_cast<std::size_t>(r * units));
+          encode_row(row.data(), info.cols, rows_of_blocks.data() + r * units);
           if (info.role == tensor_role::router)
             std::copy(row.begin(), row.end(), out.router_.begin() + r * info.cols);
         }
+        rows_to_panels(rows_of_blocks.data(), info.rows, units, out.values_.data() + at);
         at += static_cast<std::size_t>(info.rows * units);
       } else {
         for (index i = 0; i < info.size(); ++i)

@@ -111,7 +111,7 @@ class layer_weights {
   [[nodiscard]] const layer_dims& dims() const { return dims_; }
 
   /// Router W_r, [E, H]. (Element formats only, as expert() and adjugate(): a block format's
-  /// tensors are rows of blocks; see expert_tensors.)
+  /// tensors are blocks in panels of 16 rows; see expert_tensors.)
   [[nodiscard]] matrix_map<T> router() const
     requires(!detail::holds_blocks<std::remove_const_t<T>>())
   {
@@ -138,7 +138,7 @@ class layer_weights {
     const auto at = 3 * static_cast<std::size_t>(j);
     return {adjugate_ptrs_[at], adjugate_ptrs_[at + 1], adjugate_ptrs_[at + 2], dims_.adjugate_intermediate};
   }
-  /// The router's first unit (for a block format, its rows of blocks).
+  /// The router's first unit (for a block format, its blocks in panels of 16 rows).
   [[nodiscard]] T* router_data() const { return router_; }
   /// Selection bias b, [E]; nullptr means all zeros (the released weights).
   [[nodiscard]] T* bias() const { return bias_; }

@@ -67,8 +67,8 @@ inline index padded_stride(index hidden, index element_bytes) {
 class cpu_engine {
  public:
   cpu_engine(int threads, simd::isa level, const schedule_shape& shape,
-             quantized_kernels quantized = quantized_kernels::automatic)
-      : quantized_(quantized) {
+             quantized_kernels quantized = quantized_kernels::automatic, index dequantize_from_rows = 0)
+      : quantized_(quantized), dequantize_from_rows_(dequantize_from_rows) {
     set_shape(shape);
     set_threads(threads);
     set_isa(level);
@@ -107,7 +107,7 @@ class cpu_engine {
     // The format's row says which kernels run it at this level (kernels/cpu/format_kernels.hpp).
     cpu_format<W>::with_kernels(*kernels_, [&]<class A, class Wbits, class Hs>() {
       if constexpr (is_block_format<W>)
-        run_block_pass<A>(schedule, request.x, request.y, partials, cpu_format<W>::dequantize_from(quantized_));
+        run_block_pass<A>(schedule, request.x, request.y, partials, cpu_format<W>::dequantize_from(quantized_, dequantize_from_rows_));
       else
         run_pass<A, Wbits, Hs>(schedule, request.x, request.y, partials, staging<A>(), h_of<Hs>(), gate_out, up_out);
     });
@@ -143,7 +143,8 @@ class cpu_engine {
   [[nodiscard]] std::size_t workspace_bytes() const {
     return x_f32_.bytes() + x_bf16_.bytes() + h_f32_.bytes() + h_bf16_.bytes() + schedule_f32_.bytes() +
            schedule_bf16_.bytes() + schedule_q8_.bytes() + schedule_q4_.bytes() + x_int8_.bytes() +
-           x_scales_.bytes() + h_int8_.bytes() + h_scales_.bytes() + gate_.bytes() + up_.bytes() + dg_.bytes() +
+           x_scales_.bytes() + h_int8_.bytes() + h_scales_.bytes() + x_sums_.bytes() + h_sums_.bytes() + gate_.bytes() +
+           up_.bytes() + dg_.bytes() +
            du_.bytes() + dots_.bytes() + pack_.bytes() + partial_.bytes() + weight_scratch_.bytes() +
            backward_schedule_.bytes() +
            sizeof(float) * static_cast<std::size_t>(adjugate_dots_.size());
@@ -152,7 +153,8 @@ class cpu_engine {
     return x_f32_.allocations() + x_bf16_.allocations() + h_f32_.allocations() + h_bf16_.allocations() +
            schedule_f32_.allocations() + schedule_bf16_.allocations() + schedule_q8_.allocations() +
            schedule_q4_.allocations() + x_int8_.allocations() + x_scales_.allocations() + h_int8_.allocations() +
-           h_scales_.allocations() + gate_.allocations() + up_.allocations() +
+           h_scales_.allocations() + x_sums_.allocations() + h_sums_.allocations() + gate_.allocations() +
+           up_.allocations() +
            dg_.allocations() + du_.allocations() + dots_.allocations() + pack_.allocations() + partial_.allocations() +
            weight_scratch_.allocations() + backward_schedule_.allocations();
   }
@@ -181,15 +183,17 @@ class cpu_engine {
   }
 
   /// Quantizes rows [0, rows) of `values` (row r at row_of(r), `n_of(r)` values) to int8 blocks
-  /// for the integer dots (formats/quantized.hpp): row r's blocks at q + r·ldq, its scales at
-  /// scales + r·lds. Split over the threads when there is enough work.
+  /// for the integer dots (formats/quantized.hpp): row r's blocks at q + r·ldq, their scales at
+  /// scales + r·lds and their sums at sums + r·lds. Split over the threads when there is enough
+  /// work.
   template <class RowOf>
   void quantize_rows(index rows, index values, const RowOf& row_of, std::int8_t* q, index ldq, float* scales,
-                     index lds) {
+                     std::int32_t* sums, index lds) {
     const auto quantize = [&](index begin, index end) {
       for (index r = begin; r < end; ++r) {
         const auto [row, n] = row_of(r);
         quantize_activations(row, n, q + r * ldq, scales + r * lds);
+        activation_block_sums(q + r * ldq, blocks_per_row(n), sums + r * lds);
       }
     };
     const int threads = pool_->size();
@@ -324,6 +328,9 @@ class cpu_engine {
     const bool wide_items = std::any_of(items.begin(), items.end(), wide);
     const bool narrow_items = !std::all_of(items.begin(), items.end(), wide);
     float* h = h_f32_.get(static_cast<std::size_t>(std::max<index>(schedule.h_elements(), 1)));
+    // The widest item's intermediate size sizes both the weight scratch and quantized h's rows.
+    index widest = 0;
+    for (const auto& item : items) widest = std::max(widest, item.inter);
 
     // The integer dots' pass: x quantized per row and block of 32 (int8, with a scale per block).
     auto narrow = tile_pass_of<std::int8_t, Block, float>(schedule, nullptr, 0);
@@ -334,12 +341,14 @@ class cpu_engine {
       narrow.ldx = narrow.ldx_scales * quant_block_size;
       std::int8_t* q = x_int8_.get(static_cast<std::size_t>(T * narrow.ldx));
       float* scales = x_scales_.get(static_cast<std::size_t>(T * narrow.ldx_scales));
+      std::int32_t* sums = x_sums_.get(static_cast<std::size_t>(T * narrow.ldx_scales));
       const float* data = x.data();
       const index stride = x.outerStride();
       quantize_rows(T, T * H, [&](index t) { return std::pair<const float*, index>{data + t * stride, H}; }, q,
-                    narrow.ldx, scales, narrow.ldx_scales);
+                    narrow.ldx, scales, sums, narrow.ldx_scales);
       narrow.x = q;
       narrow.x_scales = scales;
+      narrow.x_sums = sums;
     }
     // The dequantized tiles' pass: x staged as A, each thread's weight scratch.
     auto deq = tile_pass_of<A, Block, float>(schedule, nullptr, 0);
@@ -350,9 +359,9 @@ class cpu_engine {
     deq.integer_down_item = kernels_->block_down_item<Block>();
     if (wide_spans) deq.x = stage<A>(x, staging<A>(), deq.ldx);
     if (wide_spans || wide_items) {
-      index widest = 0;
-      for (const auto& item : items) widest = std::max(widest, item.inter);
-      const index elements = std::max(2 * schedule.shape().gate_up_cols * H, deq.down_cols * widest);
+      deq.weight_row_pad = 32;  // 64 or 128 bytes: rows off 4 KiB strides (tile_pass::weight_row_pad)
+      const index elements = std::max(2 * schedule.shape().gate_up_cols * (H + deq.weight_row_pad),
+                                      deq.down_cols * (widest + deq.weight_row_pad));
       deq.weight_scratch_stride = (elements * static_cast<index>(sizeof(A)) + 63) / 64 * 64;
       deq.weight_scratch = weight_scratch_.get(static_cast<std::size_t>(deq.weight_scratch_stride * pool_->size()));
     }
@@ -374,13 +383,12 @@ class cpu_engine {
     // h as the down tiles read it: quantized per schedule row for the integer items; staged as
     // A for the dequantized ones (a copy when A is bf16; h itself when it is fp32).
     if (narrow_items) {
-      index widest = 0;
-      for (const auto& item : items) widest = std::max(widest, item.inter);
       const index rows = schedule.row_total();
       narrow.ldh_scales = blocks_per_row(widest);
       narrow.ldh_quantized = narrow.ldh_scales * quant_block_size;
       std::int8_t* hq = h_int8_.get(static_cast<std::size_t>(std::max<index>(rows * narrow.ldh_quantized, 1)));
       float* hs = h_scales_.get(static_cast<std::size_t>(std::max<index>(rows * narrow.ldh_scales, 1)));
+      std::int32_t* h_sums = h_sums_.get(static_cast<std::size_t>(std::max<index>(rows * narrow.ldh_scales, 1)));
       // Schedule row r belongs to the last item whose first_row is at most r (items number their
       // rows consecutively, in item order); a dequantized item's rows are left out (n = 0).
       quantize_rows(
@@ -392,9 +400,10 @@ class cpu_engine {
             return std::pair<const float*, index>{h + item.h_offset + (r - item.first_row) * item.inter,
                                                   wide(item) ? 0 : item.inter};
           },
-          hq, narrow.ldh_quantized, hs, narrow.ldh_scales);
+          hq, narrow.ldh_quantized, hs, h_sums, narrow.ldh_scales);
       narrow.h_quantized = hq;
       narrow.h_scales = hs;
+      narrow.h_sums = h_sums;
     }
     if (wide_items) deq.h_staged = stage_h<A>(schedule, h, wide);
     const auto gate_up_at = clock::now();
@@ -481,12 +490,14 @@ class cpu_engine {
   growing_buffer<std::uint16_t> x_bf16_, h_bf16_;
   growing_buffer<std::int8_t> x_int8_, h_int8_;  // the block formats' quantized x and h
   growing_buffer<float> x_scales_, h_scales_;
+  growing_buffer<std::int32_t> x_sums_, h_sums_;  ///< each block's Σ of its int8 values (the weights' offset)
   // Backward's workspace: g and u when recomputed, dg and du, partial dots (w·h lives in h_f32_).
   backward_schedule backward_schedule_;
   growing_buffer<float> gate_, up_, dg_, du_, dots_, pack_;
   growing_buffer<float> partial_;  // per-thread group partials of the down and dx tiles
   growing_buffer<std::byte> weight_scratch_;  // per-thread dequantized weight rows (block formats)
   quantized_kernels quantized_ = quantized_kernels::automatic;
+  index dequantize_from_rows_ = 0;  ///< automatic's threshold; 0: the format's (format_kernels.hpp)
   row_matrix<float> adjugate_dots_;
 };
 

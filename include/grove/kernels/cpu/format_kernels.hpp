@@ -15,7 +15,7 @@ GROVE_BEGIN_NAMESPACE
 
 /// Which kernels the CPU runner runs q8 and q4 weights with (docs/quantization.md, "Two paths").
 enum class quantized_kernels {
-  automatic,     ///< per expert and adjugate: integer dots below 6 rows, dequantized tiles from 6 (the default)
+  automatic,     ///< per expert and adjugate by its rows (cpu_runner_options::dequantize_from_rows); the default
   integer_dots,  ///< x and h quantized to int8 per block; integer dots with the blocks (every item)
   dequantized,   ///< each tile's weights dequantized to bf16 (avx512_bf16) or fp32, then those tiles (every item)
 };
@@ -53,30 +53,30 @@ struct cpu_format<bf16> {
 };
 
 /// The block formats, two paths, chosen item by item (docs/quantization.md, "Two paths").
-/// Integer dots: x and h quantized to int8 per block of 32 (kernels/cpu/detail/
-/// quantized_tiles-inl.hpp). Dequantized tiles: each tile converts its weight rows once and runs
-/// the bf16 kernels (x and h rounded to bf16) where the level has vdpbf16ps, the fp32 ones
-/// elsewhere (dequantized_tiles-inl.hpp). h is fp32 for both. The integer dots cost per row and
-/// block what the conversion costs once per tile, so they win for items with few rows and lose
-/// for items with many. The choice depends on the item's rows alone, which are the same
-/// whichever batch, shard or rank the item runs in (an expert-parallel layer gives the single
-/// process's bits).
+/// Integer dots: x and h quantized to int8 per block of 32, against weights in panels of 16
+/// rows (kernels/cpu/detail/quantized_tiles-inl.hpp). Dequantized tiles: each tile converts its
+/// weight rows once and runs the bf16 kernels (x and h rounded to bf16) where the level has
+/// vdpbf16ps, the fp32 ones elsewhere (dequantized_tiles-inl.hpp). h is fp32 for both. The
+/// choice depends on the item's rows alone, which are the same whichever batch, shard or rank
+/// the item runs in (an expert-parallel layer gives the single process's bits).
 template <class Block>
 struct block_format_kernels {
   using weight_bits = Block;
-  /// The rows from which `automatic` runs an item (a gate/up span) dequantized: of 5, 6, 7 and
-  /// 8, 5 and 6 were fastest at GroveMoE-Inst's shape, T = 64 and 128, on 1 and 2 threads
-  /// (docs/quantization.md, "Two paths").
-  static constexpr index dequantize_from_rows = 6;
+  /// The rows from which `automatic` runs an item (a gate/up span) dequantized, unless the
+  /// runner sets its own (cpu_runner_options::dequantize_from_rows): none. Since the weights
+  /// are in panels, one vpdpbusd does 64 products of 16 rows where vdpbf16ps does 32, and the
+  /// integer dots were the faster path at every measured shape: GroveMoE-Inst, T = 16 to 2048
+  /// (up to 128 rows per expert), 1 and 2 threads (docs/quantization.md, "Two paths").
+  static constexpr index dequantize_from_rows = std::numeric_limits<index>::max();
   /// The rows from which an item runs dequantized under `kernels` (0: every item; none reaches
-  /// the largest index).
-  static constexpr index dequantize_from(quantized_kernels kernels) {
+  /// the largest index); `automatic` takes `from_rows`, or the default above when it is 0.
+  static constexpr index dequantize_from(quantized_kernels kernels, index from_rows = 0) {
     switch (kernels) {
       case quantized_kernels::dequantized: return 0;
       case quantized_kernels::integer_dots: return std::numeric_limits<index>::max();
       case quantized_kernels::automatic: break;
     }
-    return dequantize_from_rows;
+    return from_rows > 0 ? from_rows : dequantize_from_rows;
   }
 
   /// Calls `fn.template operator()<A, Block, float>()` with the dequantized tiles' operands at

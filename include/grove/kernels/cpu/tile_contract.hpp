@@ -42,16 +42,24 @@ struct tile_pass {
   index ldp = 0;
   // The block formats (quantized_tiles-inl.hpp): x is quantized (A = int8, with these scales per
   // row and block), h is computed in fp32 and then quantized per schedule row for the down tiles.
+  // Each block's Σ of its int8 values (x_sums, h_sums: the layout of the scales) takes the
+  // weights' stored offset out of the integer products (formats/quantized.hpp, "Panels").
   const float* x_scales = nullptr;
+  const std::int32_t* x_sums = nullptr;
   index ldx_scales = 0;
   const std::int8_t* h_quantized = nullptr;  ///< [row_total, ldh_quantized]: schedule row r is item row first_row + ·
   index ldh_quantized = 0;
   const float* h_scales = nullptr;  ///< [row_total, ldh_scales]
+  const std::int32_t* h_sums = nullptr;
   index ldh_scales = 0;
   // The block formats' dequantized tiles (dequantized_tiles-inl.hpp; A fp32 or bf16 bits, Hs
   // fp32): each thread's weight rows, at weight_scratch + thread · weight_scratch_stride bytes.
   std::byte* weight_scratch = nullptr;
   index weight_scratch_stride = 0;
+  // The weight rows' stride is their length plus this (elements): 0 for a layer's own weights;
+  // the dequantized rows are padded off 4 KiB strides, which the 16 rows a panel converts at
+  // once would otherwise write into one cache set.
+  index weight_row_pad = 0;
   // Their down tiles read h as A (h_staged: h rounded as x is, or h itself when A is fp32) for
   // the items of at least dequantize_from_rows rows; the other items run the integer dots of
   // integer_pass (a tile_pass<std::int8_t, W, float>) through integer_down_item.

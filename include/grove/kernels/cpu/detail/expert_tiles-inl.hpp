@@ -97,6 +97,10 @@ struct operands_for<std::uint16_t, std::uint16_t> {
 
 /// Asks for the cache line at p ahead of use.
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 2); }
+/// Asks for the lines of `bytes` bytes at p.
+inline void prefetch_bytes(const void* p, index bytes) {
+  for (index at = 0; at < bytes; at += 64) prefetch(static_cast<const char*>(p) + at);
+}
 
 /// The lines of the next weight panel one kernel call prefetches. A panel (the NR weight rows a
 /// tile works on next) is read from memory once; its lines are prefetched while the previous
@@ -354,20 +358,21 @@ void gate_up_panels(const Pass& pass, const detail::expert_item<typename P::w_ty
   const int blocks = (rows + MR - 1) / MR;
   const index iterations = (H + P::chunk - 1) / P::chunk;
   const index row_bytes = H * static_cast<index>(sizeof(typename P::w_type));
+  const index ldw = H + pass.weight_row_pad;  // the weight rows' stride (tile_pass::weight_row_pad)
   // Columns past the tile repeat its last one; their results are dropped.
   GROVE_SIMD_UNROLL
   for (int c = 0; c < NR; ++c) {
     const index col = tile.col_begin + (c < width ? c : width - 1);
-    wg[c] = item.gate + col * H;
-    wu[c] = item.up + col * H;
+    wg[c] = item.gate + col * ldw;
+    wu[c] = item.up + col * ldw;
   }
   for (int c0 = 0; c0 < width; c0 += NR) {
     bool more = c0 + NR < width;
     GROVE_SIMD_UNROLL
     for (int c = 0; c < NR; ++c) {
       const index col = tile.col_begin + (c0 + NR + c < width ? c0 + NR + c : width - 1);
-      ng[c] = item.gate + col * H;
-      nu[c] = item.up + col * H;
+      ng[c] = item.gate + col * ldw;
+      nu[c] = item.up + col * ldw;
       next_rows[c] = reinterpret_cast<const char*>(ng[c]);
       next_rows[NR + c] = reinterpret_cast<const char*>(nu[c]);
     }
@@ -377,8 +382,8 @@ void gate_up_panels(const Pass& pass, const detail::expert_item<typename P::w_ty
       const int f_width = following->col_end - following->col_begin;
       for (int c = 0; c < NR; ++c) {
         const index col = following->col_begin + (c < f_width ? c : f_width - 1);
-        next_rows[c] = reinterpret_cast<const char*>(f.gate + col * H);
-        next_rows[NR + c] = reinterpret_cast<const char*>(f.up + col * H);
+        next_rows[c] = reinterpret_cast<const char*>(f.gate + col * ldw);
+        next_rows[NR + c] = reinterpret_cast<const char*>(f.up + col * ldw);
       }
       more = true;
     }
@@ -476,20 +481,22 @@ void down_panels(const Pass& pass, const detail::expert_item<typename P::w_type>
   const int blocks = static_cast<int>((rows + MR - 1) / MR);
   const index iterations = (K + P::chunk - 1) / P::chunk;
   const index row_bytes = K * static_cast<index>(sizeof(typename P::w_type));
+  const index ldk = K + pass.weight_row_pad;  // the weight rows' stride (tile_pass::weight_row_pad)
   GROVE_SIMD_UNROLL
-  for (int c = 0; c < NR; ++c) w[c] = item.down + (c_begin + c < c_end ? c_begin + c : c_end - 1) * K;
+  for (int c = 0; c < NR; ++c) w[c] = item.down + (c_begin + c < c_end ? c_begin + c : c_end - 1) * ldk;
   for (index c0 = c_begin; c0 < c_end; c0 += NR) {
     bool more = c0 + NR < c_end;
     index prefetch_row_bytes = row_bytes;
     GROVE_SIMD_UNROLL
     for (int c = 0; c < NR; ++c) {
-      next[c] = item.down + (c0 + NR + c < c_end ? c0 + NR + c : c_end - 1) * K;
+      next[c] = item.down + (c0 + NR + c < c_end ? c0 + NR + c : c_end - 1) * ldk;
       next_rows[c] = reinterpret_cast<const char*>(next[c]);
     }
     if (!more && following != nullptr) {
       // Last panel: prefetch the first panel of the item (or tile) that comes next.
       for (int c = 0; c < NR; ++c)
-        next_rows[c] = reinterpret_cast<const char*>(following->down + (following_col + c) * following->inter);
+        next_rows[c] = reinterpret_cast<const char*>(following->down +
+                                                     (following_col + c) * (following->inter + pass.weight_row_pad));
       prefetch_row_bytes = following->inter * static_cast<index>(sizeof(typename P::w_type));
       more = true;
     }
